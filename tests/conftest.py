@@ -55,3 +55,55 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     denominator = expected.norm().item()
     difference = (actual - expected).norm().item()
     return difference / denominator if denominator > 0 else difference
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(scope="session")
+def golden_models(golden):
+    """The golden tiny checkpoint loaded natively from its official layout, per precision (loaded once)."""
+    from transformers_cheers.official_checkpoint import load_official_checkpoint
+
+    cache = {}
+
+    def get(precision: str):
+        if precision not in cache:
+            cache[precision] = load_official_checkpoint(golden.checkpoint, dtype=PRECISIONS[precision])
+        return cache[precision]
+
+    return get
+
+
+def assert_close_rel_l2(actual, expected, tolerance: float, name: str = "tensor"):
+    error = rel_l2(actual, expected)
+    assert error <= tolerance, f"{name}: relative L2 error {error:.3e} > tolerance {tolerance:.1e}"
+    return error
+
+
+FP32_SINGLE_PASS_TOLERANCE = 1e-4  # fixture README: fp32 single-pass tensors
+FP32_CHAIN_TOLERANCE = 1e-3  # fixture README: fp32 multi-step T2I chain
+
+
+def tolerance_for(golden, case: str, tensor: str, precision: str, chain: bool = False) -> float:
+    if precision == "bf16":
+        return golden.bf16_tolerance(case, tensor)
+    return FP32_CHAIN_TOLERANCE if chain else FP32_SINGLE_PASS_TOLERANCE
+
+
+def expand_official_ids(input_ids, attention_mask, tokens_per_image: int, image_token_id: int, context: bool):
+    """Official ids (one -200 sentinel per image, dummy prefix added inside the model) -> our expanded form.
+
+    Returns (input_ids, attention_mask, context_image_mask) as (1, L) tensors.
+    """
+    ids, mask, context_mask = [], [], []
+    if context:
+        ids += [image_token_id] * tokens_per_image
+        mask += [1] * tokens_per_image
+        context_mask += [True] * tokens_per_image
+    for token, attend in zip(input_ids.tolist(), attention_mask.tolist()):
+        count = tokens_per_image if token == -200 else 1
+        ids += [image_token_id if token == -200 else token] * count
+        mask += [attend] * count
+        context_mask += [False] * count
+    return torch.tensor([ids]), torch.tensor([mask]), torch.tensor([context_mask])

@@ -1,0 +1,83 @@
+"""Vision tokenizer and VAE against the official implementation (golden fixtures, cases 1, 6a, 6b)."""
+
+import json
+
+import pytest
+import torch
+from conftest import PRECISIONS, assert_close_rel_l2, tolerance_for
+from diffusers import AutoencoderKLFlux2
+from safetensors.torch import load_file
+
+from transformers_cheers.modeling_cheers import patchify_latents
+from transformers_cheers.official_checkpoint import convert_official_state_dict, vae_configs_from_official
+
+
+CASE1 = "case1_vision_tokenizer"
+STAGES = {
+    "latent": "latents",
+    "xt": "noisy_latents",
+    "image_pixel_hat": "decoded_pixels",
+    "siglip_last_hidden_state": "vision_last_hidden_state",
+    "und_projector_out": "image_features",
+}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("run,t", [("t1", 1.0), ("t0p5", 0.5)])
+def test_vision_tokenizer_matches_official(golden, golden_models, precision, run, t):
+    model = golden_models(precision)
+    inputs, expected = golden.inputs(CASE1), golden.outputs(CASE1, precision)
+    noise = expected[f"{run}/x0"].to(PRECISIONS[precision])
+    with torch.no_grad():
+        outputs = model.model.get_image_features(inputs["pixel_values"], timesteps=torch.tensor([t]), noise=noise)
+    for official_name, our_name in STAGES.items():
+        name = f"{run}/{official_name}"
+        assert_close_rel_l2(
+            getattr(outputs, our_name), expected[name], tolerance_for(golden, CASE1, name, precision), name
+        )
+    targets = outputs.velocity_targets.flatten(2).transpose(1, 2)  # (N, tokens, channels) as recorded
+    name = f"{run}/image_target"
+    assert_close_rel_l2(targets, expected[name], tolerance_for(golden, CASE1, name, precision), name)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_vae_round_trip_matches_official(golden, golden_models, precision):
+    model = golden_models(precision).model
+    pixels = golden.inputs("case6a_vae")["pixel_values_gen"]
+    expected = golden.outputs("case6a_vae", precision)
+    with torch.no_grad():
+        moments = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist.parameters
+        latents = model.encode_latents(pixels)
+        decoded = model.decode_latents(latents)
+    for name, value in (("vae_moments", moments), ("latent", latents), ("decoded", decoded)):
+        assert_close_rel_l2(value, expected[name], tolerance_for(golden, "case6a_vae", name, precision), name)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_vae_with_channel_changes_matches_official(golden, precision):
+    """case6b: ch_mult (1,1,1,2) exercises the shortcut convolutions the tiny model lacks."""
+    case = "case6b_vae_only_chmult"
+    official = json.loads((golden.root / "vae_only" / "config.json").read_text())
+    vae_config, _ = vae_configs_from_official(official["vae_encoder_config"], official["vae_decoder_config"])
+    vae = AutoencoderKLFlux2(**vae_config).eval()
+    state_dict = load_file(golden.root / "vae_only" / "model.safetensors")
+    native, dropped = convert_official_state_dict(state_dict, _VaeOnlyConfig(vae_config))
+    assert not dropped
+    prefix = "model.vae."
+    vae.load_state_dict({key[len(prefix) :]: value for key, value in native.items()}, strict=True)
+    vae = vae.to(PRECISIONS[precision])
+    pixels = golden.inputs(case)["pixel_values"]
+    expected = golden.outputs(case, precision)
+    with torch.no_grad():
+        mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+        latents = torch.nn.functional.batch_norm(
+            patchify_latents(mean, (2, 2)), vae.bn.running_mean, vae.bn.running_var, training=False, eps=vae.bn.eps
+        )
+    assert_close_rel_l2(latents, expected["latent"], tolerance_for(golden, case, "latent", precision), "latent")
+
+
+class _VaeOnlyConfig:
+    """Just enough of a CheersConfig for converting a VAE-only official state dict."""
+
+    def __init__(self, vae_config):
+        self.vae_config = vae_config
