@@ -413,6 +413,14 @@ class CheersMultiModalProjector(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_cheers.CheersConfig",
+    "AutoModel": "modeling_cheers.CheersModel",
+    "AutoModelForCausalLM": "modeling_cheers.CheersForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_cheers.CheersForConditionalGeneration",
+}
+
+
 class CheersPreTrainedModel(PreTrainedModel):
     config: CheersConfig
     config_class = CheersConfig
@@ -434,6 +442,13 @@ class CheersPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # BatchNorm statistics of the VAE and the decoder projector are tiny and precision-sensitive.
     _keep_in_fp32_modules = ["bn"]
+    _keep_in_fp32_modules_strict = ["bn"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Every saved folder also loads with trust_remote_code for people without this package: the code files are
+        # copied by transformers (register_for_auto_class) and the auto_map names all the entry points.
+        self.config.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -785,5 +800,9 @@ class CheersForConditionalGeneration(CheersPreTrainedModel, GenerationMixin):
                 kwargs.pop(key, None)
         return super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
 
+
+CheersConfig.register_for_auto_class()
+CheersModel.register_for_auto_class("AutoModel")
+CheersForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = ["CheersForConditionalGeneration", "CheersModel", "CheersPreTrainedModel"]
