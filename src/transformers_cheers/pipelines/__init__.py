@@ -1,0 +1,1 @@
+from .scheduling_cheers import CheersFlowMatchScheduler
