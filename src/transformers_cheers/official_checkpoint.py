@@ -258,4 +258,8 @@ def load_official_checkpoint(folder, dtype: torch.dtype = torch.float32, **confi
             )
     model.load_state_dict(state_dict, strict=False)  # lm_head is tied, the only key not in the file
     model.tie_weights()
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    for module in model.modules():  # as from_pretrained does (_keep_in_fp32_modules_strict)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.float()
+    return model
