@@ -183,6 +183,16 @@ def test_apply_chat_template_tokenizes_with_images(golden, processor, image):
     assert torch.equal(out["pixel_values"], reference["pixel_values"])
 
 
+def test_apply_chat_template_passes_generation_options(golden, processor):
+    options = {"generation_mode": "image", "context_image": official_dummy_image(17)}
+    conversation = [user("A red apple on a wooden table.")]
+    out = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, processor_kwargs=options
+    )
+    reference = processor(text=prompt_text(golden, "case4a_t2i_cfg"), **options)
+    assert out.keys() == reference.keys() and all(torch.equal(out[key], reference[key]) for key in out)
+
+
 def test_decode_round_trip(processor):
     out = processor(text="Hello <im_start>", padding_side="right")
     assert processor.decode(out["input_ids"][0]) == "Hello <im_start>"
