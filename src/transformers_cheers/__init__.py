@@ -1,9 +1,19 @@
 """transformers-cheers: the Hugging Face-native implementation of Cheers (arXiv 2603.12793)."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .configuration_cheers import CheersConfig
+from .image_processing_cheers import CheersImageProcessor
 from .modeling_cheers import CheersForConditionalGeneration, CheersModel, CheersPreTrainedModel
+from .pipelines import CheersFlowMatchScheduler
+from .processing_cheers import CheersProcessor
 
 
 __version__ = "0.1.0"
@@ -12,5 +22,15 @@ AutoConfig.register(CheersConfig.model_type, CheersConfig, exist_ok=True)
 AutoModel.register(CheersConfig, CheersModel, exist_ok=True)
 AutoModelForImageTextToText.register(CheersConfig, CheersForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(CheersConfig, CheersForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(CheersConfig, slow_image_processor_class=CheersImageProcessor, exist_ok=True)
+AutoProcessor.register(CheersConfig, CheersProcessor, exist_ok=True)
 
-__all__ = ["CheersConfig", "CheersForConditionalGeneration", "CheersModel", "CheersPreTrainedModel"]
+__all__ = [
+    "CheersConfig",
+    "CheersFlowMatchScheduler",
+    "CheersForConditionalGeneration",
+    "CheersImageProcessor",
+    "CheersModel",
+    "CheersPreTrainedModel",
+    "CheersProcessor",
+]

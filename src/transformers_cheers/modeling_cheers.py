@@ -544,6 +544,17 @@ class CheersModel(CheersPreTrainedModel):
                 f"resize the images, e.g. with CheersImageProcessor(size={self.config.vision_config.image_size})."
             )
 
+    def check_image_grid(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> None:
+        patch = self.config.vision_config.patch_size
+        grid = [pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch]
+        if image_grid_hw.shape[0] != pixel_values.shape[0] or bool(
+            (image_grid_hw != image_grid_hw.new_tensor(grid)).any()
+        ):
+            raise ValueError(
+                f"image_grid_hw {image_grid_hw.tolist()} does not describe pixel_values of shape "
+                f"{tuple(pixel_values.shape)} (expected {grid} per image); pass both from the same processor call."
+            )
+
     # ---- Vision tokenizer -----------------------------------------------------------------------------------------
 
     def tokenize_latents(self, latents: torch.Tensor, with_patch_embeddings: bool = False):
@@ -655,6 +666,7 @@ class CheersModel(CheersPreTrainedModel):
         image_timesteps: torch.Tensor | None = None,
         context_image_mask: torch.BoolTensor | None = None,
         image_features: torch.FloatTensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
         **kwargs,
     ) -> CheersModelOutputWithPast:
         r"""
@@ -665,6 +677,8 @@ class CheersModel(CheersPreTrainedModel):
             instead of bidirectionally. Produced by `CheersProcessor(..., context_image=...)`.
         image_features (`torch.FloatTensor`, *optional*):
             Precomputed image embeddings (num_images, tokens_per_image, hidden) to use instead of `pixel_values`.
+        image_grid_hw (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
+            SigLIP patch grid of each image, as returned by the processor; checked against `pixel_values`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -672,6 +686,8 @@ class CheersModel(CheersPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         placeholder_mask = self.get_placeholder_mask(input_ids) if input_ids is not None else None
+        if pixel_values is not None and image_grid_hw is not None:
+            self.check_image_grid(pixel_values, image_grid_hw)
         if pixel_values is not None and image_features is None:
             image_features = self.get_image_features(pixel_values, timesteps=image_timesteps).image_features
         if image_features is not None:
@@ -764,6 +780,7 @@ class CheersForConditionalGeneration(CheersPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         image_timesteps: torch.Tensor | None = None,
         context_image_mask: torch.BoolTensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
         **kwargs,
     ) -> CheersCausalLMOutputWithPast:
         outputs = self.model(
@@ -776,6 +793,7 @@ class CheersForConditionalGeneration(CheersPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             image_timesteps=image_timesteps,
             context_image_mask=context_image_mask,
+            image_grid_hw=image_grid_hw,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -796,7 +814,7 @@ class CheersForConditionalGeneration(CheersPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
         # Image-only inputs matter for the prompt (prefill) only; later steps feed text tokens through the cache.
         if not is_first_iteration and kwargs.get("use_cache", True):
-            for key in ("image_timesteps", "context_image_mask", "image_features"):
+            for key in ("image_timesteps", "context_image_mask", "image_features", "image_grid_hw"):
                 kwargs.pop(key, None)
         return super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
 
