@@ -541,7 +541,7 @@ class CheersModel(CheersPreTrainedModel):
         if height % multiple or width % multiple:
             raise ValueError(
                 f"Image size {height}x{width} is not a multiple of {multiple} (SigLIP patch x token merge); "
-                f"resize the images, e.g. with CheersImageProcessor(size={self.config.vision_config.image_size})."
+                f"resize the images, e.g. with CheersImageProcessor(resolution={self.config.vision_config.image_size})."
             )
 
     def check_image_grid(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> None:
