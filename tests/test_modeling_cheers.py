@@ -229,3 +229,18 @@ def test_gradient_checkpointing_gives_same_gradients(tiny):
         model(input_ids=ids, pixel_values=pixels, labels=ids).loss.backward()
         gradients.append(model.model.multi_modal_projector.linear_1.weight.grad.clone())
     torch.testing.assert_close(gradients[0], gradients[1])
+
+
+@pytest.mark.slow
+def test_flex_attention_agrees_with_sdpa(tiny):
+    """flex_attention compiles its kernels (~50 s on 2 CPU cores), so it runs with `pytest -m slow`."""
+    ids = torch.tensor([image_prompt(tiny.config)])
+    pixels = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = tiny(input_ids=ids, pixel_values=pixels).logits
+        tiny.set_attn_implementation("flex_attention")
+        try:
+            actual = tiny(input_ids=ids, pixel_values=pixels).logits
+        finally:
+            tiny.set_attn_implementation("sdpa")
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
