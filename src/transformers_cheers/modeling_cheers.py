@@ -18,6 +18,7 @@ from diffusers import AutoencoderKLFlux2
 from diffusers.models.autoencoders.vae import Decoder
 from torch import nn
 from transformers import AutoModel, Cache, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
@@ -106,6 +107,19 @@ class CheersVisionTokenizerOutput(ModelOutput):
     decoded_pixels: torch.FloatTensor | None = None
     vision_last_hidden_state: torch.FloatTensor | None = None
     patch_embeddings: torch.FloatTensor | None = None
+
+
+@dataclass
+class CheersVelocityOutput(ModelOutput):
+    r"""
+    velocity (`torch.FloatTensor` of shape `(batch_size, latent_channels, grid_height, grid_width)`):
+        Predicted dx/dt in the normalised, patchified latent space (t = 0 noise, t = 1 data).
+    detail_gate (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width)`):
+        How much SigLIP patch detail the detail gate injects at each patch (unbounded, signed).
+    """
+
+    velocity: torch.FloatTensor | None = None
+    detail_gate: torch.FloatTensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -408,6 +422,23 @@ class CheersMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(merged)))
 
 
+class PrefixCacheLayer(DynamicLayer):
+    """A cache layer over a fixed prefix: new keys/values are attended to in this call but never stored."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def read_only_view(cache: Cache) -> Cache:
+    """A cache that attends to `cache`'s contents without growing it (no copy: the tensors are shared)."""
+    layers = []
+    for layer in cache.layers:
+        view = PrefixCacheLayer()
+        view.keys, view.values, view.device, view.is_initialized = layer.keys, layer.values, layer.keys.device, True
+        layers.append(view)
+    return Cache(layers=layers)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------------
@@ -588,6 +619,7 @@ class CheersModel(CheersPreTrainedModel):
         timesteps: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        with_patch_embeddings: bool = False,
     ) -> CheersVisionTokenizerOutput:
         """The vision tokenizer on pixels: encode, optionally noise to time t, re-decode, SigLIP, merge.
 
@@ -596,6 +628,8 @@ class CheersModel(CheersPreTrainedModel):
             timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*): flow time per image (1 = clean, the
                 default; 0 = pure noise). Understanding images use 1.
             noise (`torch.Tensor`, *optional*): x0 for the noisy path (drawn with `generator` when needed).
+            with_patch_embeddings (`bool`): also return SigLIP's patch embeddings of the decoded pixels (the detail
+                gate's input, needed to predict velocities).
         """
         with torch.no_grad():  # the VAE is frozen in every training stage
             latents = self.encode_latents(pixel_values)
@@ -606,9 +640,98 @@ class CheersModel(CheersPreTrainedModel):
             t = timesteps.view(-1, 1, 1, 1)
             noisy_latents = t * latents + (1 - t) * noise
             targets = (latents - noise) * (t < 1).to(latents.dtype)
-        outputs = self.tokenize_latents(noisy_latents)
+        outputs = self.tokenize_latents(noisy_latents, with_patch_embeddings=with_patch_embeddings)
         outputs.latents, outputs.noisy_latents, outputs.velocity_targets = latents, noisy_latents, targets
         return outputs
+
+    # ---- Flow-matching head ----------------------------------------------------------------------------------------
+
+    def predict_velocity(
+        self,
+        image_hidden_states: torch.Tensor,
+        timesteps: torch.Tensor,
+        patch_embeddings: torch.Tensor,
+        grid: tuple[int, int],
+    ) -> CheersVelocityOutput:
+        """The cascaded head: LLM hidden states of an image's tokens -> latent velocity.
+
+        Args:
+            image_hidden_states (`(N, tokens, text_hidden)`): final LLM hidden states at the image tokens.
+            timesteps (`(N,)`): flow time of each image, used as given (round it to the compute dtype first to match
+                the official sampler).
+            patch_embeddings (`(N, grid_h * grid_w, vision_hidden)`): SigLIP patch embeddings of the decoded x_t.
+            grid (`(grid_h, grid_w)`): the latent / SigLIP patch grid.
+        """
+        semantic_condition, detail_condition = self.time_embedder(timesteps)
+        num_tokens = image_hidden_states.shape[1]
+        positions = torch.arange(num_tokens, device=image_hidden_states.device)[None]
+        semantic = self.semantic_head(image_hidden_states, semantic_condition, positions)
+        semantic = split_tokens(semantic, grid, self.config.token_merge_size)  # (N, grid_h * grid_w, vision_hidden)
+        detailed, gate = self.detail_gate(semantic, patch_embeddings.to(semantic.dtype))
+        # Official quirk: the detail head's RoPE positions restart halfway through the grid (k mod L/2).
+        length = detailed.shape[1]
+        positions = (torch.arange(length, device=detailed.device) % max(length // 2, 1))[None]
+        velocity = self.detail_head(detailed, detail_condition, positions)  # (N, grid_h * grid_w, C)
+        velocity = velocity.transpose(1, 2).reshape(velocity.shape[0], -1, *grid)
+        return CheersVelocityOutput(velocity=velocity, detail_gate=gate.view(gate.shape[0], *grid))
+
+    def compute_velocity(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        cache: Cache,
+        attention_mask: torch.Tensor | None = None,
+        store_in_cache: bool = False,
+    ) -> CheersVelocityOutput:
+        """One network evaluation of the sampler: velocity of `latents` (x_t) at time t given a prompt cache.
+
+        The vision tokenizer runs once on x_t; if the cache holds several branches per image (e.g. conditional and
+        unconditional prompts for classifier-free guidance, stacked as [branch 0 rows; branch 1 rows; ...]), the
+        image tokens are shared by all of them. The image tokens attend to their prompt (padding excluded) and to each
+        other bidirectionally; the prompt cache is left untouched unless `store_in_cache` (the official model keeps
+        the tokens of its last evaluation before continuing the text).
+
+        Args:
+            latents (`(B, latent_channels, grid_h, grid_w)`): x_t in the normalised, patchified latent space.
+            timesteps (`float` or `(B,)`): t in [0, 1]; rounded to the compute dtype as in the official sampler.
+            cache (`Cache`): the prompt's key/values, batch `B * branches`.
+            attention_mask (`(B * branches, prompt_length)`, *optional*): the prompt's padding mask.
+        Returns:
+            [`CheersVelocityOutput`] with a velocity (and detail-gate map) per cache row.
+        """
+        dtype = self.language_model.dtype
+        rows = cache.layers[0].keys.shape[0]
+        if rows % latents.shape[0]:
+            raise ValueError(f"The cache holds {rows} rows, not a multiple of the {latents.shape[0]} latents.")
+        branches = rows // latents.shape[0]
+        grid = tuple(latents.shape[-2:])
+        tokens = self.tokenize_latents(latents, with_patch_embeddings=True)
+        image_features = tokens.image_features.repeat(branches, 1, 1)
+        patch_embeddings = tokens.patch_embeddings.repeat(branches, 1, 1)
+        hidden_states = self.image_hidden_states(image_features, cache, attention_mask, store_in_cache)
+        timesteps = torch.as_tensor(timesteps, device=latents.device).to(dtype).reshape(-1)
+        timesteps = timesteps.expand(rows) if timesteps.numel() == 1 else timesteps.repeat(branches)
+        return self.predict_velocity(hidden_states, timesteps, patch_embeddings, grid)
+
+    def image_hidden_states(self, image_features, cache, attention_mask, store_in_cache: bool) -> torch.Tensor:
+        """Run an image block through the LLM after a cached prompt (positions continue each row's prompt)."""
+        batch, num_tokens = image_features.shape[:2]
+        past = cache.get_seq_length()
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past, dtype=torch.long, device=image_features.device)
+        full_mask = F.pad(attention_mask, (0, num_tokens), value=1)
+        position_ids = attention_mask.sum(-1, keepdim=True) + torch.arange(num_tokens, device=full_mask.device)
+        block_ids = torch.zeros(batch, num_tokens, dtype=torch.long, device=full_mask.device)
+        run_cache = cache if store_in_cache else read_only_view(cache)
+        mask_mapping = self.build_attention_mask(image_features, full_mask, run_cache, position_ids, block_ids)
+        outputs = self.language_model(
+            inputs_embeds=image_features,
+            attention_mask=mask_mapping,
+            position_ids=position_ids,
+            cache=run_cache,
+            use_cache=True,
+        )
+        return outputs.last_hidden_state
 
     # ---- LLM ------------------------------------------------------------------------------------------------------
 
