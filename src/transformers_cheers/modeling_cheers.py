@@ -32,6 +32,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 from transformers.utils import logging
 
 from .configuration_cheers import CheersConfig
+from .training import check_training_labels, compute_training_losses
 
 
 logger = logging.get_logger(__name__)
@@ -65,12 +66,20 @@ class CheersModelOutputWithPast(ModelOutput):
 @dataclass
 class CheersCausalLMOutputWithPast(ModelOutput):
     r"""
-    loss (`torch.FloatTensor` of shape `(1,)`, *optional*):
-        Language-modeling loss (next-token prediction).
+    loss (`torch.FloatTensor` of shape `()`, *optional*):
+        With `labels`: the training objective `text_loss + image_loss` (see `transformers_cheers.training`).
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         Prediction scores of the language modeling head.
     cache, hidden_states, attentions, image_features:
         See [`CheersModelOutputWithPast`].
+    text_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        With `labels`: next-token cross-entropy over the (shifted, rewritten) text targets.
+    image_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        With `labels`: flow-matching MSE between predicted and target latent velocities of the images.
+    image_velocities (`torch.FloatTensor` of shape `(num_images, latent_channels, grid_h, grid_w)`, *optional*):
+        With `labels` and images: the predicted velocities the image loss compared.
+    image_velocity_targets (`torch.FloatTensor`, *optional*):
+        With `labels` and images: their targets x1 - x0 (zero where t == 1).
     """
 
     loss: torch.FloatTensor | None = None
@@ -79,6 +88,10 @@ class CheersCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_features: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    image_loss: torch.FloatTensor | None = None
+    image_velocities: torch.FloatTensor | None = None
+    image_velocity_targets: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -904,8 +917,43 @@ class CheersForConditionalGeneration(CheersPreTrainedModel, GenerationMixin):
         image_timesteps: torch.Tensor | None = None,
         context_image_mask: torch.BoolTensor | None = None,
         image_grid_hw: torch.LongTensor | None = None,
+        image_noise: torch.FloatTensor | None = None,
+        image_loss_mask: torch.BoolTensor | None = None,
         **kwargs,
     ) -> CheersCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Unshifted text targets, one per input token, -100 where there is none; image tokens must be -100 (or
+            their own placeholder id). With labels the output holds the official training objective: `loss` =
+            `text_loss` (next-token cross-entropy) + `image_loss` (flow-matching MSE at every image's tokens); see
+            `transformers_cheers.training`. Build batches with `transformers_cheers.data.CheersTrainingCollator`.
+        image_timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*):
+            Flow time t of each image (1 = clean, the default). Used as given: the official training rounds t to
+            bf16 (its pixel dtype), which the collator reproduces.
+        image_noise (`torch.FloatTensor` of shape `(num_images, latent_channels, grid_h, grid_w)`, *optional*):
+            The noise x0 of x_t = t * x1 + (1 - t) * x0; drawn from the global RNG when omitted. Pass it (and the
+            timesteps) for a reproducible training step.
+        image_loss_mask (`torch.BoolTensor` of shape `(num_images,)`, *optional*):
+            Which images count in `image_loss` (default: all, as the official training, which includes
+            understanding images at t = 1 with target 0 and the text-only context image).
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        vision = None
+        if pixel_values is not None and (labels is not None or image_noise is not None):
+            if kwargs.get("image_features") is not None:
+                raise ValueError("Pass either pixel_values or image_features, not both.")
+            if image_grid_hw is not None:
+                self.model.check_image_grid(pixel_values, image_grid_hw)
+            # one vision-tokenizer pass serves both the LLM inputs and the flow head (patch embeddings, targets)
+            vision = self.model.get_image_features(
+                pixel_values, timesteps=image_timesteps, noise=image_noise, with_patch_embeddings=labels is not None
+            )
+            kwargs["image_features"] = vision.image_features
+        elif labels is not None and kwargs.get("image_features") is not None:
+            raise ValueError(
+                "Training with labels needs pixel_values (the image loss needs the latents and their targets), "
+                "not precomputed image_features."
+            )
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -920,18 +968,38 @@ class CheersForConditionalGeneration(CheersPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        if labels is not None:
+            logits_to_keep = 0  # the objective needs every position
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
+        losses = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            placeholder_mask = self.model.get_placeholder_mask(input_ids) if input_ids is not None else None
+            check_training_labels(labels, input_ids, placeholder_mask)
+            if placeholder_mask is not None and not bool(placeholder_mask.any()):
+                placeholder_mask = None
+            losses = compute_training_losses(
+                self.model,
+                hidden_states,
+                logits,
+                labels.to(hidden_states.device),
+                placeholder_mask,
+                vision=vision,
+                image_timesteps=image_timesteps,
+                image_loss_mask=image_loss_mask,
+                num_items_in_batch=num_items_in_batch,
+            )
         return CheersCausalLMOutputWithPast(
-            loss=loss,
+            loss=losses.loss if losses is not None else None,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_features=outputs.image_features,
+            text_loss=losses.text_loss if losses is not None else None,
+            image_loss=losses.image_loss if losses is not None else None,
+            image_velocities=losses.image_velocities if losses is not None else None,
+            image_velocity_targets=losses.image_velocity_targets if losses is not None else None,
         )
 
     def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
