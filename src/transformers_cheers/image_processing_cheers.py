@@ -286,4 +286,7 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     raise ValueError(f"Unsupported image dtype {array.dtype}: pass uint8 (0-255) or float (0-1) data.")
 
 
+# A saved folder carries this file and an auto_map entry, so AutoImageProcessor loads it with trust_remote_code.
+CheersImageProcessor.register_for_auto_class("AutoImageProcessor")
+
 __all__ = ["CheersImageProcessor"]

@@ -356,4 +356,8 @@ def official_dummy_image(seed: int | None = None, size: int = 256) -> PIL.Image.
     return PIL.Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8))
 
 
+# A saved folder carries this file and image_processing_cheers.py (its only relative import) plus an auto_map entry,
+# so AutoProcessor loads it with trust_remote_code where this package is not installed.
+CheersProcessor.register_for_auto_class("AutoProcessor")
+
 __all__ = ["CheersProcessor", "add_cheers_special_tokens", "official_dummy_image"]
