@@ -111,6 +111,9 @@ class CheersConfig(PreTrainedConfig):
         Round the RoPE frequency tables (LLM and heads) to the activation dtype before use, as happens in the official
         model (trained and evaluated after a blanket `.to(torch.bfloat16)`, which rounds the `inv_freq` buffers).
         Without it bf16 logits drift from the official ones at long positions.
+    official_vae_kernels (`bool`, *optional*, defaults to `True`):
+        Compute the VAE's SiLU as `x * sigmoid(x)` and its spatial attention with 1x1 convolutions, as the official
+        FLUX.2 autoencoder code does (same weights). diffusers' fused kernels are ~1e-2 (relative) off in bf16.
     image_token_id, image_gen_token_id, image_start_token_id, image_end_token_id, null_token_id (`int`):
         `<image>` (understanding image placeholder), `<image_gen>` (generation-target placeholder used in training),
         `<im_start>`, `<im_end>`, and `<no_mean>` (the null token of classifier-free guidance).
@@ -154,6 +157,7 @@ class CheersConfig(PreTrainedConfig):
     head_rms_norm_eps: float = 1e-6
     projector_layer_norm_eps: float = 1e-5
     round_rope_frequencies_to_compute_dtype: bool = True
+    official_vae_kernels: bool = True
     image_token_id: int = 151665
     image_gen_token_id: int = 151666
     image_start_token_id: int = 151667

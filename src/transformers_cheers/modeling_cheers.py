@@ -378,6 +378,47 @@ def unpatchify_latents(latents: torch.Tensor, patch_size: tuple[int, int]) -> to
     return latents.reshape(batch, channels // (ph * pw), height * ph, width * pw)
 
 
+class ProductSiLU(nn.Module):
+    """x * sigmoid(x) as two rounded operations, like the FLUX.2 autoencoder code Cheers was trained with.
+
+    `F.silu` rounds once; in bf16 the two differ enough to move the VAE's latents by ~1e-2 (relative).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class ConvolutionalVAEAttnProcessor:
+    """diffusers attention processor for the VAE's single-head spatial attention, computed like the FLUX.2 code.
+
+    The weights stay diffusers' linear projections; they are applied as 1x1 convolutions on the (N, C, H, W) map,
+    which is how the official model computes them and what its bf16 numbers depend on.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        batch, channels, height, width = hidden_states.shape
+        normed = attn.group_norm(hidden_states)
+
+        def project(linear):
+            projected = F.conv2d(normed, linear.weight[:, :, None, None], linear.bias)
+            return projected.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()  # (N, 1, H*W, C)
+
+        attended = F.scaled_dot_product_attention(project(attn.to_q), project(attn.to_k), project(attn.to_v))
+        attended = attended.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
+        output = attn.to_out[0]
+        return hidden_states + F.conv2d(attended, output.weight[:, :, None, None], output.bias)
+
+
+def use_official_vae_kernels(module: nn.Module) -> None:
+    """Make a diffusers VAE encoder/decoder compute its activations and attention as the official code does."""
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.SiLU):
+                setattr(parent, name, ProductSiLU())
+        if hasattr(parent, "set_processor") and getattr(parent, "group_norm", None) is not None:
+            parent.set_processor(ConvolutionalVAEAttnProcessor())
+
+
 def denormalize_latents(latents: torch.Tensor, batch_norm: nn.BatchNorm2d) -> torch.Tensor:
     """Inverse of an eval-mode affine-free BatchNorm, computed in the latents' dtype (as the official model)."""
     std = torch.sqrt(batch_norm.running_var.to(latents.dtype).view(1, -1, 1, 1) + batch_norm.eps)
@@ -516,6 +557,9 @@ class CheersModel(CheersPreTrainedModel):
         super().__init__(config)
         self.vae = AutoencoderKLFlux2(**config.vae_config)
         self.vae_decoder_projector = CheersDecoderProjector(config)
+        if config.official_vae_kernels:
+            use_official_vae_kernels(self.vae)
+            use_official_vae_kernels(self.vae_decoder_projector)
         self.vision_representation = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = CheersMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
@@ -651,7 +695,7 @@ class CheersModel(CheersPreTrainedModel):
             if noise is None:
                 noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
             t = timesteps.view(-1, 1, 1, 1)
-            noisy_latents = t * latents + (1 - t) * noise
+            noisy_latents = (t * latents + (1 - t) * noise).to(latents.dtype)  # computed in t's dtype, as official
             targets = (latents - noise) * (t < 1).to(latents.dtype)
         outputs = self.tokenize_latents(noisy_latents, with_patch_embeddings=with_patch_embeddings)
         outputs.latents, outputs.noisy_latents, outputs.velocity_targets = latents, noisy_latents, targets
