@@ -12,7 +12,7 @@ from transformers import (
 from .configuration_cheers import CheersConfig
 from .image_processing_cheers import CheersImageProcessor
 from .modeling_cheers import CheersForConditionalGeneration, CheersModel, CheersPreTrainedModel
-from .pipelines import CheersFlowMatchScheduler
+from .pipelines import CheersFlowMatchScheduler, CheersPipeline
 from .processing_cheers import CheersProcessor
 
 
@@ -31,6 +31,7 @@ __all__ = [
     "CheersForConditionalGeneration",
     "CheersImageProcessor",
     "CheersModel",
+    "CheersPipeline",
     "CheersPreTrainedModel",
     "CheersProcessor",
 ]

@@ -1,0 +1,391 @@
+"""`CheersPipeline`: text-to-image and image editing with Cheers, as a diffusers pipeline.
+
+The network math lives in the model (`CheersModel.compute_velocity`), the ODE step in the scheduler
+(`CheersFlowMatchScheduler.step`); `denoise` below is the one sampling loop, shared by the pipeline and by
+`generate_interleaved` (text that may contain images).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .scheduling_cheers import CheersFlowMatchScheduler
+
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from transformers_cheers import CheersPipeline
+
+        >>> pipe = CheersPipeline.from_pretrained("path/to/cheers-pipeline", torch_dtype=torch.bfloat16).to("cuda")
+        >>> image = pipe("A red apple on a wooden table.", generator=torch.manual_seed(0)).images[0]
+        >>> image.save("apple.png")
+        ```
+"""
+
+# The official README's settings.
+DEFAULT_STEPS = 80
+DEFAULT_GUIDANCE = 9.5
+DEFAULT_EDIT_STRENGTH = 0.9  # the official edit starts at t0 = 0.1
+
+
+@dataclass
+class CheersPipelineOutput(BaseOutput):
+    """
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
+            The generated images (or latents with `output_type="latent"`).
+        detail_gate_maps (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`, *optional*):
+            With `return_detail_gate=True`: per image, how much SigLIP patch detail the detail gate injected at each
+            patch in the last network evaluation (conditional branch), as a heat map at the image's size (PIL) or
+            the raw (B, grid_h, grid_w) values ("np" / "pt" / "latent").
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    detail_gate_maps: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
+
+
+def guided_velocity(velocity: torch.Tensor, branches: int, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance on stacked [conditional; unconditional] velocities, in their dtype (official)."""
+    if branches == 1:
+        return velocity
+    conditional, unconditional = velocity.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
+def denoise(
+    model,
+    scheduler: CheersFlowMatchScheduler,
+    latents: torch.Tensor,
+    cache,
+    attention_mask: torch.Tensor,
+    guidance_scale: float,
+    keep_last_image_in_cache: bool = False,
+    on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+    interrupted: Callable[[], bool] = lambda: False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integrate x_t from the scheduler's first timestep to t = 1 (plus the official tail step).
+
+    `cache` holds the prompt (rows [conditional; unconditional] with guidance) and is not modified, except that with
+    `keep_last_image_in_cache` the image tokens of the last evaluation are appended, as the official model does before
+    it continues the text. `on_step_end(index, t, latents)` may return replacement latents. Returns the final latents
+    and the detail-gate map of the last conditional evaluation.
+    """
+    core = model.model if hasattr(model, "model") else model
+    branches = cache.layers[0].keys.shape[0] // latents.shape[0]
+    gate = None
+    for index, t in enumerate(scheduler.timesteps):
+        if interrupted():
+            break
+        last = index == len(scheduler.timesteps) - 1
+        output = core.compute_velocity(
+            latents, t, cache, attention_mask, store_in_cache=keep_last_image_in_cache and last
+        )
+        velocity = guided_velocity(output.velocity.to(latents.dtype), branches, guidance_scale)
+        gate = output.detail_gate[: latents.shape[0]]
+        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        if on_step_end is not None:
+            replaced = on_step_end(index, t, latents)
+            latents = latents if replaced is None else replaced
+    return latents, gate
+
+
+class CheersPipeline(DiffusionPipeline):
+    r"""
+    Text-to-image generation and image editing with Cheers.
+
+    Args:
+        model ([`CheersForConditionalGeneration`]): the Cheers model (its VAE decodes the images; no copy is kept).
+        processor ([`CheersProcessor`]): chat template, tokenizer and image processor.
+        scheduler ([`CheersFlowMatchScheduler`]): the shifted flow-matching Euler sampler.
+    """
+
+    model_cpu_offload_seq = "model"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, model, processor, scheduler: CheersFlowMatchScheduler):
+        super().__init__()
+        self.register_modules(model=model, processor=processor, scheduler=scheduler)
+
+    # ---- properties ------------------------------------------------------------------------------------------------
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale != 1.0
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    @property
+    def default_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    # ---- steps of __call__ -----------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        num_inference_steps,
+        guidance_scale,
+        strength,
+        image,
+        callback_on_step_end_tensor_inputs,
+    ):
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+        if negative_prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            if len(negatives) != len(prompts):
+                raise ValueError(
+                    f"`negative_prompt` has {len(negatives)} entries but `prompt` has {len(prompts)}; pass one "
+                    "negative prompt per prompt (or a single string for all)."
+                )
+        multiple = self.model.config.image_size_multiple
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise ValueError(f"`height` and `width` must be positive multiples of {multiple}, got {height}x{width}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        if guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0 (1 disables guidance), got {guidance_scale}.")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"`strength` must be in [0, 1], got {strength}.")
+        if image is not None and not isinstance(image, PIL.Image.Image | np.ndarray | torch.Tensor | list):
+            raise ValueError(
+                f"`image` must be a PIL image, a numpy array, a torch tensor or a list of them, got "
+                f"{type(image).__name__}."
+            )
+        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` can only contain {self._callback_tensor_inputs}.")
+
+    def encode_prompt(
+        self, prompts: list[str], negative_prompts: list[str] | None, images, context_image, resolution: int
+    ):
+        """Tokenise the conditional (and unconditional) prompts and prefill them into one KV cache.
+
+        Returns (cache, attention_mask, conditional processor inputs); rows are [conditional; unconditional].
+        """
+        texts = [self._chat(prompt, has_image=images is not None) for prompt in prompts]
+        kwargs = {"generation_mode": "image", "context_image": context_image, "resolution": resolution}
+        inputs = self.processor(text=texts, images=images, **kwargs)
+        batch = [inputs]
+        if self.do_classifier_free_guidance:
+            if negative_prompts is None:
+                batch.append(self.processor.build_unconditional_inputs(inputs))
+            else:
+                negative_texts = [self._chat(prompt, has_image=images is not None) for prompt in negative_prompts]
+                batch.append(self.processor(text=negative_texts, images=images, **kwargs))
+        model_inputs = stack_prompt_inputs(batch, self.processor.tokenizer.pad_token_id)
+        model_inputs = {key: value.to(self._execution_device) for key, value in model_inputs.items()}
+        output = self.model.model(**model_inputs, use_cache=True)
+        return output.cache, model_inputs["attention_mask"], inputs
+
+    def _chat(self, prompt: str, has_image: bool) -> str:
+        content = [{"type": "image"}, {"type": "text", "text": prompt}] if has_image else prompt
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents, image_latents, start_time):
+        config = self.model.config
+        patch = config.vision_config.patch_size
+        shape = (batch_size, config.latent_channels, height // patch, width // patch)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"You passed {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt); "
+                "pass one generator per image or a single generator."
+            )
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(
+                    f"`latents` must have shape {shape} (batch, channels, h, w), got {tuple(latents.shape)}."
+                )
+            if not latents.is_floating_point():
+                raise ValueError(f"`latents` must be a floating-point tensor, got {latents.dtype}.")
+            return latents.to(device=device, dtype=dtype)
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if image_latents is None:
+            return noise
+        return self.scheduler.scale_noise(image_latents.to(dtype), start_time, noise)
+
+    def detail_gate_images(self, gate: torch.Tensor, height: int, width: int, output_type: str):
+        if output_type != "pil":
+            gate = gate.float().cpu()
+            return gate.numpy() if output_type == "np" else gate
+        maps = []
+        for values in gate.float().cpu():
+            span = (values.max() - values.min()).clamp(min=1e-12)
+            scaled = ((values - values.min()) / span * 255).round().to(torch.uint8).numpy()
+            maps.append(PIL.Image.fromarray(scaled, mode="L").resize((width, height), PIL.Image.NEAREST))
+        return maps
+
+    # ---- __call__ --------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        time_shift: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        image=None,
+        strength: float = DEFAULT_EDIT_STRENGTH,
+        context_image=None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_detail_gate: bool = False,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""
+        Generate images from text, or edit `image` following the text.
+
+        Args:
+            prompt (`str` or `list[str]`): what to draw (or, with `image`, the edit instruction).
+            negative_prompt (`str` or `list[str]`, *optional*): the unconditional prompt for guidance. By default the
+                official one: the prompt with every text token replaced by `<no_mean>`.
+            height, width (`int`, *optional*): output size, multiples of 32; default the model's native resolution.
+            num_inference_steps (`int`, defaults to 80): network evaluations (the official grid has one more
+                Euler step, of size 1/N, at t = 1).
+            guidance_scale (`float`, defaults to 9.5): classifier-free guidance weight; 1 disables guidance.
+            time_shift (`float`, *optional*): the official `alpha` of the time grid (0.5 in the official README);
+                defaults to the scheduler's.
+            num_images_per_prompt (`int`, defaults to 1).
+            generator (`torch.Generator` or list, *optional*): for reproducible noise.
+            latents (`torch.Tensor`, *optional*): initial noise of shape (batch, latent_channels, h/16, w/16).
+            image (*optional*): source image(s) to edit, one per prompt. The image is also shown to the model.
+            strength (`float`, defaults to 0.9): how much of the path to re-generate when editing (0.9 = the
+                official edit start time t0 = 0.1).
+            context_image (*optional*): an image whose tokens are prepended to every prompt, as the official code does
+                with a random dummy image (`transformers_cheers.processing_cheers.official_dummy_image(seed)`);
+                off by default, needed only to reproduce official outputs exactly.
+            output_type (`str`, defaults to "pil"): "pil", "np", "pt" or "latent".
+            return_dict (`bool`, defaults to True).
+            return_detail_gate (`bool`, defaults to False): also return the detail-gate heat maps.
+            callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, step, t, callback_kwargs)` after
+                each step; may return a dict with replacement `latents`.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed in `callback_kwargs`.
+
+        Examples:
+        """
+        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        height, width = height or self.default_size, width or self.default_size
+        editing = image is not None
+        self.check_inputs(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+            strength if editing else 1.0, image, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        if editing and height != width:
+            raise ValueError("Editing works on square images (the source is letterboxed): pass height == width.")
+        self._guidance_scale, self._interrupt = guidance_scale, False
+
+        # 1. Prompts, repeated for num_images_per_prompt
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = None
+        if negative_prompt is not None:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        images = None
+        if editing:
+            images = [image] * len(prompts) if not isinstance(image, list) else list(image)
+            if len(images) != len(prompts):
+                raise ValueError(f"Pass one `image` per prompt: got {len(images)} images for {len(prompts)} prompts.")
+            images = [img for img in images for _ in range(num_images_per_prompt)]
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        device, dtype = self._execution_device, self.model.dtype
+
+        # 2. Prompt caches (conditional and unconditional in one batch)
+        cache, attention_mask, _ = self.encode_prompt(prompts, negatives, images, context_image, height)
+
+        # 3. Timesteps (a per-call time shift leaves the pipeline's scheduler as it was)
+        scheduler = self.scheduler
+        if time_shift is not None and time_shift != scheduler.config.time_shift:
+            scheduler = CheersFlowMatchScheduler.from_config(scheduler.config, time_shift=time_shift)
+        scheduler.set_timesteps(num_inference_steps, device=device, strength=strength if editing else 1.0)
+        self._num_timesteps = len(scheduler.timesteps)
+
+        # 4. Initial latents (editing: the letterboxed source's latent, noised to the start time, as official)
+        image_latents = None
+        if editing:
+            source = self.processor.image_processor(images, resolution=height)["pixel_values"]
+            image_latents = self.model.model.encode_latents(source.to(device))
+        latents = self.prepare_latents(
+            len(prompts), height, width, dtype, device, generator, latents, image_latents, scheduler.start_time
+        )
+
+        # 5. Denoising loop
+        with self.progress_bar(total=self._num_timesteps) as progress_bar:
+
+            def on_step_end(index, t, current):
+                replaced = None
+                if callback_on_step_end is not None:
+                    callback_kwargs = dict.fromkeys(callback_on_step_end_tensor_inputs, current)
+                    outputs = callback_on_step_end(self, index, t, callback_kwargs)
+                    replaced = outputs.get("latents") if outputs else None
+                progress_bar.update()
+                return replaced
+
+            latents, gate = denoise(
+                self.model, scheduler, latents, cache, attention_mask, guidance_scale,
+                on_step_end=on_step_end, interrupted=lambda: self.interrupt,
+            )  # fmt: skip
+
+        # 6. Decode
+        if output_type == "latent":
+            images_out = latents
+        else:
+            pixels = self.model.model.decode_latents(latents)
+            images_out = self.processor.postprocess(pixels, output_type=output_type)
+        gate_maps = None
+        if return_detail_gate and gate is not None:
+            gate_maps = self.detail_gate_images(gate, height, width, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images_out, gate_maps) if return_detail_gate else (images_out,)
+        return CheersPipelineOutput(images=images_out, detail_gate_maps=gate_maps)
+
+
+def stack_prompt_inputs(batches: list, pad_token_id: int) -> dict:
+    """Concatenate processor outputs row-wise, left-padding to a common length (prompts may differ in length)."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+    merged = {}
+    for key in ("input_ids", "attention_mask", "context_image_mask"):
+        if key not in batches[0]:
+            continue
+        fill = {"input_ids": pad_token_id, "attention_mask": 0, "context_image_mask": False}[key]
+        padded = [torch.nn.functional.pad(b[key], (length - b[key].shape[1], 0), value=fill) for b in batches]
+        merged[key] = torch.cat(padded)
+    if batches[0].get("pixel_values") is not None:
+        merged["pixel_values"] = torch.cat([b["pixel_values"] for b in batches])
+        merged["image_grid_hw"] = torch.cat([b["image_grid_hw"] for b in batches])
+    return merged
+
+
+__all__ = ["CheersPipeline", "CheersPipelineOutput", "denoise", "guided_velocity"]
