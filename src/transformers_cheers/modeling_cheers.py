@@ -982,6 +982,10 @@ class CheersForConditionalGeneration(CheersPreTrainedModel, GenerationMixin):
             understanding images at t = 1 with target 0 and the text-only context image).
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        placeholder_mask = None
+        if labels is not None:
+            placeholder_mask = self.model.get_placeholder_mask(input_ids) if input_ids is not None else None
+            check_training_labels(labels, input_ids, placeholder_mask)  # before the expensive part
         vision = None
         if pixel_values is not None and (labels is not None or image_noise is not None):
             if kwargs.get("image_features") is not None:
@@ -1018,8 +1022,6 @@ class CheersForConditionalGeneration(CheersPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         losses = None
         if labels is not None:
-            placeholder_mask = self.model.get_placeholder_mask(input_ids) if input_ids is not None else None
-            check_training_labels(labels, input_ids, placeholder_mask)
             if placeholder_mask is not None and not bool(placeholder_mask.any()):
                 placeholder_mask = None
             losses = compute_training_losses(
