@@ -1,33 +1,86 @@
 """Convert an official Cheers checkpoint (model_type "umm") into a native transformers-cheers folder.
 
-    python conversion/convert_cheers_to_hf.py --input /path/to/official/Cheers --output ./cheers-hf --dtype bfloat16
+    python conversion/convert_cheers_to_hf.py --input /path/to/official/Cheers --output ./cheers-hf
+    python conversion/convert_cheers_to_hf.py --input AI9Stars/Cheers --output ./cheers-hf   # Hub id, when online
 
-The output loads with `CheersForConditionalGeneration.from_pretrained(OUTPUT)` (and with trust_remote_code for
-people without this package). Every official tensor is mapped or deliberately dropped (the unused SigLIP pooling
-head; `lm_head.weight`, which must equal the tied token embedding); anything else is an error and nothing is written.
+The output loads with `CheersForConditionalGeneration.from_pretrained(OUTPUT)`, with
+`AutoModel`/`AutoProcessor.from_pretrained(OUTPUT, trust_remote_code=True)` for people without this package, and
+(with --pipeline-output) as a diffusers pipeline. Weights are written as safetensors shards (bfloat16 by default,
+BatchNorm statistics in float32). Every official tensor is mapped or deliberately dropped (the unused SigLIP pooling
+head; `lm_head.weight`, which must equal the tied token embedding); anything else is an error. The converted folder
+is then loaded and its logits and one velocity step compared with the unconverted weights (skip with --no-verify).
+Nothing is written unless everything succeeds.
+
+Exit codes: 0 done, 1 bad input or failed write, 2 bad arguments, 3 verification mismatch, 130 interrupted.
 """
 
 import argparse
 import sys
 
-from transformers_cheers.conversion import DTYPES, ConversionError, convert_official_checkpoint
+from transformers_cheers.conversion import (
+    DEFAULT_MAX_SHARD_SIZE,
+    DTYPES,
+    ConversionError,
+    VerificationError,
+    convert_official_checkpoint,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="official checkpoint folder, or a Hub repo id (downloads *.safetensors/json/txt)",
+    )
+    parser.add_argument("--revision", default=None, help="revision of a Hub --input (branch, tag or commit)")
+    parser.add_argument("--output", required=True, help="folder to create")
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=sorted(DTYPES), help="weight dtype (BatchNorm statistics stay float32)"
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest safetensors shard, e.g. 2GB or 500MB (default {DEFAULT_MAX_SHARD_SIZE})",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the numerical verification")
+    parser.add_argument("--pipeline-output", default=None, help="also write a diffusers pipeline folder here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="official checkpoint folder (config.json + safetensors)")
-    parser.add_argument("--output", required=True, help="folder to create")
-    parser.add_argument(
-        "--dtype", default="bfloat16", choices=sorted(DTYPES), help="weight dtype (BN stats stay fp32)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
-        output = convert_official_checkpoint(args.input, args.output, dtype=args.dtype, overwrite=args.overwrite)
+        report = convert_official_checkpoint(
+            args.input,
+            args.output,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+            verify=args.verify,
+            progress=not args.quiet,
+            revision=args.revision,
+            pipeline_output=args.pipeline_output,
+        )
+    except VerificationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {output}")
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written (the partial folder was removed).", file=sys.stderr)
+        return 130
+    except Exception as error:  # e.g. disk full while writing: still nothing left behind
+        print(
+            f"error: conversion failed: {type(error).__name__}: {error}; nothing was written "
+            "(the partial folder was removed).",
+            file=sys.stderr,
+        )
+        return 1
+    print(report.format())
     return 0
 
 

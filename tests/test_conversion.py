@@ -1,6 +1,12 @@
-"""The first converter: official layout -> native folder, parity of the converted weights, and its faults."""
+"""The converter: official layout -> native folder. Report, parity, the three ways to load, on-disk contract, faults.
 
+One CLI conversion of the golden checkpoint (module fixture, in a subprocess) is shared by most tests.
+"""
+
+import importlib.util
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,13 +15,418 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PRECISIONS, assert_close_rel_l2, expand_official_ids, tolerance_for
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from transformers_cheers import CheersForConditionalGeneration
-from transformers_cheers.conversion import ConversionError, convert_official_checkpoint
+from transformers_cheers.conversion import (
+    ConversionError,
+    convert_official_checkpoint,
+    logits_and_velocity,
+    max_abs_diff,
+    verification_inputs,
+)
+from transformers_cheers.official_checkpoint import DROPPED_TENSORS
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "convert_cheers_to_hf.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "conversion" / "convert_cheers_to_hf.py"
+SHARD_SIZE = "20MB"  # the golden model is ~30 MB in bf16 -> 2 shards
+# What the remote-code files may import: these packages and the standard library.
+ALLOWED_IMPORTS = {"transformers", "diffusers", "torch", "PIL", "numpy", "huggingface_hub"}
+
+
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+convert_cli = load_script(SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def converted(golden, tmp_path_factory):
+    """The golden official checkpoint converted by the CLI (bf16, 2 shards, verification on). (folder, stdout)."""
+    output = tmp_path_factory.mktemp("converted") / "cheers-hf"
+    run = subprocess.run(
+        [sys.executable, SCRIPT, "--input", golden.checkpoint, "--output", output, "--max-shard-size", SHARD_SIZE],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return output, run.stdout
+
+
+@pytest.fixture(scope="module")
+def sharded_official(golden, tmp_path_factory):
+    """The golden official checkpoint split into 3 shards with an index (the layout of the real release)."""
+    folder = tmp_path_factory.mktemp("sharded") / "official"
+    shutil.copytree(golden.checkpoint, folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    split_into_shards(load_file(golden.checkpoint / "model.safetensors"), folder, 3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(converted):
+    """The converted folder loaded natively in bf16, the verification inputs and its (logits, velocity)."""
+    model = CheersForConditionalGeneration.from_pretrained(converted[0], dtype=torch.bfloat16).eval()
+    inputs = verification_inputs(model.config)
+    return model, inputs, logits_and_velocity(model, inputs)
+
+
+def split_into_shards(tensors: dict, folder: Path, count: int) -> None:
+    keys = list(tensors)
+    weight_map = {}
+    for index in range(count):
+        name = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+        part = {key: tensors[key] for key in keys[index::count]}
+        save_file(part, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+
+
+def stored_tensors(folder: Path) -> dict[str, tuple[tuple, str]]:
+    """{name: (shape, safetensors dtype)} from the headers of every shard of a folder."""
+    result = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as handle:
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                result[key] = (tuple(piece.get_shape()), piece.get_dtype())
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The report, the written folder and the on-disk contract
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_report_on_the_golden_checkpoint(converted, golden):
+    folder, report = converted
+    official = load_file(golden.checkpoint / "model.safetensors")
+    head_keys = sorted(key for key in official if key.startswith("model.vision_representation.head."))
+    assert (
+        f"official tensors: {len(official)} read (499 bfloat16, 2 int64): {len(official) - 12} mapped, 12 dropped"
+        in (report)
+    )
+    for key in ["lm_head.weight", *head_keys]:
+        assert f"dropped {key}: " in report
+    assert len(head_keys) == 11
+    assert "lm_head: equal to model.language_model.embed_tokens.weight bit for bit" in report
+    assert "2 shard(s)" in report and "model-00001-of-00002.safetensors" in report
+    assert "kept in float32: model.vae.bn.running_mean, model.vae.bn.running_var, " in report
+    assert "temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05" in report
+    assert "logits max abs diff 0, velocity max abs diff 0: OK" in report
+    assert sorted(path.name for path in folder.parent.iterdir()) == ["cheers-hf"]  # no staging folder left
+
+
+def test_written_folder_contents(converted):
+    folder, _ = converted
+    names = sorted(path.name for path in folder.iterdir())
+    expected = {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "configuration_cheers.py",
+        "modeling_cheers.py",
+        "processing_cheers.py",
+        "image_processing_cheers.py",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    }
+    assert expected <= set(names)
+    assert not [name for name in names if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    extra = set(names) - expected
+    assert all(name.endswith(".py") for name in extra), extra  # helper modules imported by modeling_cheers.py
+    for shard in folder.glob("*.safetensors"):
+        assert shard.stat().st_size <= 20_000_000 + 100_000  # max shard size + header
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert {k: generation[k] for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")} == {
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_k": 20,
+        "top_p": 0.8,
+        "repetition_penalty": 1.05,
+    }
+    assert generation["eos_token_id"] == [151645, 151643]
+
+
+def test_on_disk_contract(converted, golden):
+    """What other loaders may rely on, read from the files themselves (not through our classes)."""
+    folder, _ = converted
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "cheers" and config["architectures"] == ["CheersForConditionalGeneration"]
+    assert config["auto_map"]["AutoConfig"] == "configuration_cheers.CheersConfig"
+    assert config["auto_map"]["AutoModel"] == "modeling_cheers.CheersModel"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_cheers.CheersForConditionalGeneration"
+    assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] is True
+    assert {"text_config", "vision_config", "vae_config", "decoder_projector_config"} <= set(config)
+    assert (
+        config["text_config"]["model_type"] == "qwen2"
+        and config["vision_config"]["model_type"] == "siglip_vision_model"
+    )
+    assert config["text_config"]["rope_parameters"]["rope_theta"] == 1e6
+    assert config["vae_config"]["latent_channels"] == 32 and config["vae_config"]["patch_size"] == [2, 2]
+    ids = {
+        name: config[f"{name}_id"] for name in ("image_token", "image_start_token", "image_end_token", "null_token")
+    }
+    assert ids == {"image_token": 151665, "image_start_token": 151667, "image_end_token": 151668, "null_token": 151669}
+    processor = json.loads((folder / "processor_config.json").read_text())
+    assert processor["auto_map"]["AutoProcessor"] == "processing_cheers.CheersProcessor"
+    assert (
+        processor["image_processor"]["auto_map"]["AutoImageProcessor"]
+        == "image_processing_cheers.CheersImageProcessor"
+    )
+
+    stored = stored_tensors(folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(stored)
+    official = load_file(golden.checkpoint / "model.safetensors")
+    for prefix in ("model.language_model.", "model.vision_representation."):  # official names unchanged
+        ours = {key for key in stored if key.startswith(prefix)}
+        assert ours == {key for key in official if key.startswith(prefix) and ".head." not in key}
+    assert "lm_head.weight" not in stored  # tied
+    assert "model.vae.decoder.up_blocks.0.resnets.0.conv1.weight" in stored  # diffusers names for the VAE
+    for key, (shape, dtype) in stored.items():
+        if key.endswith(("bn.running_mean", "bn.running_var")):
+            assert dtype == "F32", key
+        elif key.endswith("num_batches_tracked"):
+            assert dtype == "I64", key
+        else:
+            assert dtype == "BF16", key
+
+
+def test_code_files_are_self_contained(converted):
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    folder, _ = converted
+    for code in folder.glob("*.py"):
+        for relative in get_relative_import_files(str(code)):
+            assert Path(relative).parent == folder
+        outside = {name for name in get_imports(str(code)) if name not in sys.stdlib_module_names}
+        assert outside <= ALLOWED_IMPORTS, (code.name, outside - ALLOWED_IMPORTS)
+        assert not re.search(r"^\s*(from|import)\s+transformers_cheers", code.read_text(), re.MULTILINE), code.name
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading: natively, with trust_remote_code, with device_map
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_loads_natively_with_the_official_numbers(reference, golden_models):
+    model, inputs, (logits, velocity) = reference
+    assert model.model.vae.bn.running_var.dtype == torch.float32
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    official_logits, official_velocity = logits_and_velocity(golden_models("bf16"), inputs)
+    assert max_abs_diff(logits, official_logits) == 0 and max_abs_diff(velocity, official_velocity) == 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_converted_folder_reproduces_official_prefill(golden, converted, tmp_path, precision):
+    if precision == "bf16":
+        output = converted[0]
+    else:
+        output = convert_official_checkpoint(golden.checkpoint, tmp_path / "native", dtype="float32", verify=False)
+        output = output.output_dir
+    model = CheersForConditionalGeneration.from_pretrained(output, dtype=PRECISIONS[precision]).eval()
+    inputs = golden.inputs("case2_understanding")
+    ids, mask, _ = expand_official_ids(
+        inputs["inputs/input_ids"][0], inputs["inputs/attention_mask"][0], 16, model.config.image_token_id, False
+    )
+    with torch.no_grad():
+        hidden = model(
+            input_ids=ids, attention_mask=mask, pixel_values=inputs["inputs/pixel_values"], output_hidden_states=True
+        ).hidden_states[-1]
+    name = "prefill/hidden_states"
+    expected = golden.outputs("case2_understanding", precision)[name]
+    assert_close_rel_l2(hidden, expected, tolerance_for(golden, "case2_understanding", name, precision), name)
+
+
+REMOTE_CODE_CHECK = """
+import json, sys, torch
+from PIL import Image
+from safetensors.torch import load_file
+sys.modules["transformers_cheers"] = None  # importing our package fails from here on
+from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+folder, io = sys.argv[1], sys.argv[2]
+expected = load_file(f"{io}/expected.safetensors")
+messages = json.loads(open(f"{io}/messages.json").read())
+inputs = {key: expected[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+assert type(processor).__module__.startswith("transformers_modules.")
+assert type(image_processor).__name__ == "CheersImageProcessor"
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+batch = processor(images=[Image.open(f"{io}/image.png")], text=prompt)
+for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_hw"):
+    assert torch.equal(batch[key], expected[f"processed/{key}"]), key
+
+model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).eval()
+assert type(model).__module__.startswith("transformers_modules.") and type(model).__name__ == "CheersModel"
+with torch.no_grad():
+    out = model(**inputs, use_cache=True)
+    velocity = model.compute_velocity(expected["latents"], expected["timestep"], out.cache, inputs["attention_mask"])
+lm = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).eval()
+with torch.no_grad():
+    logits = lm(**inputs).logits
+diffs = {
+    "hidden": (out.last_hidden_state.float() - expected["hidden"]).abs().max().item(),
+    "velocity": (velocity.velocity.float() - expected["velocity"]).abs().max().item(),
+    "logits": (logits.float() - expected["logits"]).abs().max().item(),
+}
+print(diffs)
+assert max(diffs.values()) == 0, diffs
+"""
+
+
+def test_loads_with_remote_code_without_the_package(converted, reference, tmp_path):
+    """AutoModel / AutoModelForImageTextToText / AutoProcessor in a process where transformers_cheers is unimportable."""
+    from PIL import Image
+
+    from transformers_cheers import CheersProcessor
+
+    folder, _ = converted
+    model, inputs, (logits, _) = reference
+    processor = CheersProcessor.from_pretrained(folder)
+    Image.new("RGB", (96, 64), (200, 30, 60)).save(tmp_path / "image.png")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    (tmp_path / "messages.json").write_text(json.dumps(messages))
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    processed = processor(images=[Image.open(tmp_path / "image.png")], text=prompt)
+    prompt_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        base = model.model(**prompt_inputs, use_cache=True)
+        velocity = model.model.compute_velocity(
+            inputs["latents"].to(torch.bfloat16), inputs["timestep"], base.cache, inputs["attention_mask"]
+        )
+    expected = {
+        **prompt_inputs,
+        "latents": inputs["latents"].to(torch.bfloat16),
+        "timestep": inputs["timestep"],
+        **{f"processed/{key}": value for key, value in processed.items()},
+        "hidden": base.last_hidden_state.float(),
+        "velocity": velocity.velocity.float(),
+        "logits": logits,
+    }
+    save_file({key: value.contiguous() for key, value in expected.items()}, tmp_path / "expected.safetensors")
+    run = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_CHECK, str(folder), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "{'hidden': 0.0, 'velocity': 0.0, 'logits': 0.0}" in run.stdout
+
+
+def module_sizes(model) -> dict[str, int]:
+    from accelerate.utils import compute_module_sizes
+
+    return compute_module_sizes(model)
+
+
+def assert_no_split_modules_whole(model, device_map: dict[str, str]) -> None:
+    """No entry of the device map lies strictly inside a module of a `_no_split_modules` class."""
+    whole = [name for name, module in model.named_modules() if type(module).__name__ in model._no_split_modules]
+    for name in device_map:
+        assert not any(name.startswith(f"{unit}.") for unit in whole), f"{name} splits a no-split module"
+
+
+def test_device_map_auto_on_cpu_and_with_disk_offload(converted, reference, tmp_path):
+    folder, _ = converted
+    reference, inputs, expected = reference
+
+    on_cpu = CheersForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16, device_map="auto")
+    assert {parameter.device.type for parameter in on_cpu.parameters()} == {"cpu"}
+    result = logits_and_velocity(on_cpu, inputs)
+    assert max_abs_diff(result[0], expected[0]) == 0 and max_abs_diff(result[1], expected[1]) == 0
+
+    # A CPU budget a little under the model's size: the last modules (flow heads) are offloaded to disk, block by
+    # block, never inside a _no_split_modules unit. (The VAE side must stay on the CPU: see the xfail below.)
+    sizes = module_sizes(reference)
+    budget = sizes[""] - sizes["model.detail_head"] - sizes["model.semantic_head"] // 2
+    offloaded = CheersForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": budget}, offload_folder=tmp_path / "off"
+    )
+    device_map = offloaded.hf_device_map
+    assert set(device_map.values()) == {"cpu", "disk"}, device_map
+    assert device_map["model.vae"] == device_map["model.vae_decoder_projector"] == "cpu", device_map
+    assert device_map["model.detail_head"] == "disk", device_map
+    assert_no_split_modules_whole(offloaded, device_map)
+    result = logits_and_velocity(offloaded, inputs)
+    assert max_abs_diff(result[0], expected[0]) == 0 and max_abs_diff(result[1], expected[1]) == 0
+
+
+@pytest.mark.xfail(
+    reason="ConvolutionalVAEAttnProcessor (official_vae_kernels) reads to_q/to_k/to_v/to_out weights directly, so "
+    "accelerate's offload hooks never load them when the decoder projector is offloaded (modeling_cheers.py)",
+    strict=False,
+)
+def test_disk_offload_of_the_decoder_projector(converted, reference, tmp_path):
+    folder, _ = converted
+    reference, inputs, expected = reference
+    budget = module_sizes(reference)["model.vae"] + 1_000_000
+    offloaded = CheersForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": budget}, offload_folder=tmp_path / "off"
+    )
+    assert offloaded.hf_device_map["model.vae_decoder_projector"] == "disk"
+    result = logits_and_velocity(offloaded, inputs)
+    assert max_abs_diff(result[0], expected[0]) == 0 and max_abs_diff(result[1], expected[1]) == 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inputs: sharded official folders, Hub ids
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_sharded_official_input_gives_the_same_folder(sharded_official, converted, tmp_path):
+    report = convert_official_checkpoint(
+        sharded_official, tmp_path / "native", max_shard_size=SHARD_SIZE, verify=False
+    )
+    assert report.official_tensors == 501 and report.mapped == 489
+    ours, reference = report.output_dir, converted[0]
+    assert stored_tensors(ours) == stored_tensors(reference)
+    for shard in sorted(ours.glob("*.safetensors")):
+        a, b = load_file(shard), load_file(reference / shard.name)
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_hub_id_input_downloads_only_safetensors_json_and_txt(golden, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(golden.checkpoint)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    report = convert_official_checkpoint("AI9Stars/Cheers", tmp_path / "native", revision="main", verify=False)
+    assert calls == [("AI9Stars/Cheers", "main", ["*.safetensors", "*.json", "*.txt"])]
+    assert report.input_dir == golden.checkpoint
+
+
+def test_hub_id_input_offline_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(ConversionError, match="is not a local folder, and downloading it from the Hub failed"):
+        convert_official_checkpoint("someone/not-cached", tmp_path / "native")
+    assert not (tmp_path / "native").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Faults: CLI exit code, message, nothing written
+# --------------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -33,114 +444,184 @@ def official_copy(golden, tmp_path):
     return folder, rewrite
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_converted_folder_reproduces_official_prefill(golden, tmp_path, precision):
-    dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
-    output = convert_official_checkpoint(golden.checkpoint, tmp_path / "native", dtype=dtype)
-    model = CheersForConditionalGeneration.from_pretrained(output, dtype=PRECISIONS[precision]).eval()
-    assert model.model.vae.bn.running_var.dtype == torch.float32
-    inputs = golden.inputs("case2_understanding")
-    ids, mask, _ = expand_official_ids(
-        inputs["inputs/input_ids"][0], inputs["inputs/attention_mask"][0], 16, model.config.image_token_id, False
-    )
-    with torch.no_grad():
-        hidden = model(
-            input_ids=ids, attention_mask=mask, pixel_values=inputs["inputs/pixel_values"], output_hidden_states=True
-        ).hidden_states[-1]
-    name = "prefill/hidden_states"
-    expected = golden.outputs("case2_understanding", precision)[name]
-    assert_close_rel_l2(hidden, expected, tolerance_for(golden, "case2_understanding", name, precision), name)
+def run_cli(capsys, *args) -> tuple[int, str]:
+    try:
+        code = convert_cli.main([str(arg) for arg in args])
+    except SystemExit as exit_:  # argparse errors
+        code = exit_.code
+    return code, capsys.readouterr().err
 
 
-def test_converted_folder_keeps_official_names_where_classes_match(golden, tmp_path):
-    output = convert_official_checkpoint(golden.checkpoint, tmp_path / "native", dtype="bfloat16")
-    keys = set(load_file(output / "model.safetensors"))
-    official = set(load_file(golden.checkpoint / "model.safetensors"))
-    for prefix in ("model.language_model.", "model.vision_representation."):
-        ours = {key for key in keys if key.startswith(prefix)}
-        theirs = {key for key in official if key.startswith(prefix) and ".head." not in key}
-        assert ours == theirs
-    assert "lm_head.weight" not in keys  # tied
-    assert not any(".head." in key for key in keys if key.startswith("model.vision_representation."))
-    config = json.loads((output / "config.json").read_text())
-    assert config["model_type"] == "cheers" and config["text_config"]["rope_parameters"]["rope_theta"] == 1e6
+def left_behind(tmp_path) -> list[str]:
+    return sorted(path.name for path in tmp_path.iterdir() if path.name not in ("official", "previous"))
 
 
-def test_cli_converts_and_refuses_existing_output(golden, tmp_path):
-    output = tmp_path / "native"
-    run = subprocess.run(
-        [sys.executable, SCRIPT, "--input", golden.checkpoint, "--output", output, "--dtype", "float32"],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr
-    again = subprocess.run(
-        [sys.executable, SCRIPT, "--input", golden.checkpoint, "--output", output], capture_output=True, text=True
-    )
-    assert again.returncode != 0 and "already exists; pass --overwrite" in again.stderr
-    bad_dtype = subprocess.run(
-        [sys.executable, SCRIPT, "--input", golden.checkpoint, "--output", tmp_path / "x", "--dtype", "int8"],
-        capture_output=True,
-        text=True,
-    )
-    assert bad_dtype.returncode != 0 and "invalid choice: 'int8'" in bad_dtype.stderr
+def make_sharded(folder: Path) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    split_into_shards(tensors, folder, 3)
 
 
-def assert_nothing_written(tmp_path):
-    assert [p.name for p in tmp_path.iterdir() if p.name != "official"] == []
-
-
-@pytest.mark.parametrize(
-    "fault,message",
-    [
-        ("missing_folder", "is not a folder"),
-        ("missing_config", "No config.json"),
-        ("missing_weights", "No model.safetensors"),
-        ("truncated_weights", "truncated or corrupt"),
-        ("unexpected_key", "Unexpected tensor 'model.extra.weight'"),
-        ("missing_key", "missing ['model.detail_gate.layer_norm.bias']"),
-        ("wrong_shape", "model.multi_modal_projector.linear_2.bias: checkpoint shape (7,)"),
-        ("untied_lm_head", "lm_head.weight differs from the token embedding"),
-        ("wrong_model_type", "expected the official 'umm'"),
-    ],
-)
-def test_faults_give_clear_errors_and_write_nothing(official_copy, tmp_path, fault, message):
-    folder, rewrite = official_copy
+def break_input(fault: str, folder: Path, rewrite) -> Path:
     if fault == "missing_folder":
-        folder = tmp_path / "nowhere"
-    elif fault == "missing_config":
+        return folder.parent / "nowhere"
+    if fault == "missing_config":
         (folder / "config.json").unlink()
+    elif fault == "invalid_config":
+        (folder / "config.json").write_text("{not json")
+    elif fault == "wrong_model_type":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     elif fault == "missing_weights":
         (folder / "model.safetensors").unlink()
-    elif fault == "truncated_weights":
+    elif fault == "pickled_weights_only":
+        (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    elif fault == "truncated_file":
         data = (folder / "model.safetensors").read_bytes()
-        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+        (folder / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    elif fault == "shard_missing":
+        make_sharded(folder)
+        (folder / "model-00002-of-00003.safetensors").unlink()
+    elif fault == "shard_truncated":
+        make_sharded(folder)
+        shard = folder / "model-00003-of-00003.safetensors"
+        shard.write_bytes(shard.read_bytes()[:-1000])
+    elif fault == "index_misplaces_tensor":
+        make_sharded(folder)
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        key = next(iter(index["weight_map"]))
+        index["weight_map"][key] = (
+            "model-00003-of-00003.safetensors"
+            if "00001" in index["weight_map"][key]
+            else ("model-00001-of-00003.safetensors")
+        )
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     elif fault == "unexpected_key":
         rewrite(lambda t: t.update({"model.extra.weight": torch.zeros(1)}))
     elif fault == "missing_key":
         rewrite(lambda t: t.pop("model.hi_gate.layer_norm.bias"))
     elif fault == "wrong_shape":
         rewrite(lambda t: t.update({"model.und_projector.mlp.2.bias": torch.zeros(7)}))
+    elif fault == "wrong_dtype":
+        rewrite(lambda t: t.update({"model.und_projector.mlp.2.bias": t["model.und_projector.mlp.2.bias"].int()}))
     elif fault == "untied_lm_head":
         rewrite(lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1}))
-    elif fault == "wrong_model_type":
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    with pytest.raises(ConversionError) as error:
-        convert_official_checkpoint(folder, tmp_path / "native")
-    assert message in str(error.value)
-    assert_nothing_written(tmp_path)
+    return folder
 
 
-def test_interrupted_write_leaves_nothing_and_keeps_previous_output(golden, tmp_path, monkeypatch):
-    previous = convert_official_checkpoint(golden.checkpoint, tmp_path / "native", dtype="float32")
-    before = sorted(p.name for p in previous.iterdir())
+INPUT_FAULTS = {
+    "missing_folder": "nowhere is not a folder",
+    "missing_config": "No config.json in",
+    "invalid_config": "config.json is not valid JSON",
+    "wrong_model_type": "has model_type 'llama', expected the official 'umm'",
+    "missing_weights": "No model.safetensors or model.safetensors.index.json in",
+    "pickled_weights_only": "found only pytorch_model.bin: pickled weights are never read",
+    "truncated_file": "model.safetensors (truncated or corrupt?)",
+    "shard_missing": "Shard model-00002-of-00003.safetensors is listed in the index but missing",
+    "shard_truncated": "model-00003-of-00003.safetensors (truncated or corrupt?)",
+    "index_misplaces_tensor": "The index places 1 tensor(s) in shards that do not hold them",
+    "unexpected_key": "Unexpected tensor 'model.extra.weight'",
+    "missing_key": "missing ['model.detail_gate.layer_norm.bias']",
+    "wrong_shape": "model.multi_modal_projector.linear_2.bias: checkpoint shape (7,) != model shape (32,)",
+    "wrong_dtype": "model.und_projector.mlp.2.bias: stored as int32, expected a floating dtype",
+    "untied_lm_head": "lm_head.weight differs from the token embedding (max abs diff 1.0",
+}
 
-    def explode(*args, **kwargs):
-        raise KeyboardInterrupt("simulated interruption while writing")
 
-    monkeypatch.setattr("transformers_cheers.conversion.save_processor_if_available", explode)
-    with pytest.raises(KeyboardInterrupt):
-        convert_official_checkpoint(golden.checkpoint, tmp_path / "native", overwrite=True)
-    assert sorted(p.name for p in previous.iterdir()) == before
-    assert [p.name for p in tmp_path.iterdir()] == ["native"]
+@pytest.mark.parametrize("fault", sorted(INPUT_FAULTS))
+def test_bad_input_exits_1_with_a_clear_message_and_writes_nothing(official_copy, tmp_path, capsys, fault):
+    folder, rewrite = official_copy
+    folder = break_input(fault, folder, rewrite)
+    code, err = run_cli(capsys, "--input", folder, "--output", tmp_path / "native", "--quiet")
+    assert code == 1, err
+    assert err.startswith("error: ") and INPUT_FAULTS[fault] in err, err
+    assert left_behind(tmp_path) == []
+
+
+def test_existing_output_needs_overwrite(golden, tmp_path, capsys):
+    (tmp_path / "native").mkdir()
+    (tmp_path / "native" / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, "--input", golden.checkpoint, "--output", tmp_path / "native")
+    assert code == 1 and "native already exists; pass --overwrite to replace it" in err
+    assert (tmp_path / "native" / "keep.txt").read_text() == "mine"
+    assert left_behind(tmp_path) == ["native"]
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--dtype", "int8"], 2, "invalid choice: 'int8'"),
+        (["--max-shard-size", "lots"], 1, "Invalid --max-shard-size 'lots'"),
+    ],
+)
+def test_bad_arguments(golden, tmp_path, capsys, args, code, message):
+    result, err = run_cli(capsys, "--input", golden.checkpoint, "--output", tmp_path / "native", *args)
+    assert result == code and message in err
+    assert left_behind(tmp_path) == []
+
+
+def test_output_inside_the_input_is_refused(official_copy, capsys):
+    folder, _ = official_copy
+    code, err = run_cli(capsys, "--input", folder, "--output", folder / "native")
+    assert code == 1 and "must not be inside the input folder" in err
+    assert not (folder / "native").exists()
+
+
+@pytest.mark.parametrize(
+    "exception,code,message",
+    [
+        (KeyboardInterrupt(), 130, "error: interrupted; nothing was written"),
+        (OSError(28, "No space left on device"), 1, "error: conversion failed: OSError: [Errno 28] No space left"),
+    ],
+)
+def test_failure_while_writing_shards_leaves_nothing_and_keeps_the_previous_output(
+    golden, tmp_path, capsys, monkeypatch, exception, code, message
+):
+    """The second shard fails mid-save; with --overwrite the previous folder must survive untouched."""
+    import transformers.modeling_utils
+
+    previous = tmp_path / "native"
+    previous.mkdir()
+    (previous / "config.json").write_text("{}")
+    real_save = transformers.modeling_utils.safe_save_file
+    written = []
+
+    def save_then_fail(tensors, filename, metadata=None):
+        if written:
+            raise exception
+        written.append(filename)
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_then_fail)
+    result, err = run_cli(
+        capsys, "--input", golden.checkpoint, "--output", previous, "--overwrite", "--max-shard-size", SHARD_SIZE
+    )
+    assert result == code and message in err, err
+    assert len(written) == 1 and Path(written[0]).parent.name.startswith(".native.partial-")
+    assert left_behind(tmp_path) == ["native"]
+    assert [path.name for path in previous.iterdir()] == ["config.json"]
+
+
+def test_verification_mismatch_exits_3_and_writes_nothing(golden, tmp_path, capsys, monkeypatch):
+    """If the converted folder computed anything else than the unconverted weights, the conversion fails."""
+    import transformers_cheers.conversion as conversion
+
+    original = conversion.load_official_checkpoint
+
+    def perturbed_official(folder, dtype):
+        model = original(folder, dtype)
+        with torch.no_grad():
+            model.model.detail_head.final_layer.proj_out.bias.add_(1e-2)
+        return model
+
+    monkeypatch.setattr(conversion, "load_official_checkpoint", perturbed_official)
+    code, err = run_cli(capsys, "--input", golden.checkpoint, "--output", tmp_path / "native", "--quiet")
+    assert code == 3, err
+    assert re.search(
+        r"does not reproduce the unconverted weights: max abs diff \{'logits': 0\.0, 'velocity': [0-9.e-]+", err
+    )
+    assert left_behind(tmp_path) == []
+
+
+def test_drop_table_lists_only_the_tied_head_and_the_pooling_head():
+    assert len(DROPPED_TENSORS) == 2

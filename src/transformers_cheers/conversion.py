@@ -1,21 +1,96 @@
-"""Official Cheers checkpoint folder -> native transformers folder, written atomically."""
+"""Official Cheers checkpoint folder -> native transformers folder, checked, verified and written atomically.
 
+`convert_official_checkpoint` is the library entry point of `conversion/convert_cheers_to_hf.py`; `push_to_hub` (and
+`model_card`) the one of `conversion/push_to_hub.py`. See docs/conversion.md.
+"""
+
+import contextlib
 import json
+import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
 
-from .official_checkpoint import OfficialCheckpointError, load_official_checkpoint
+from .official_checkpoint import (
+    OfficialCheckpointError,
+    TensorSpec,
+    convert_official_folder,
+    load_official_checkpoint,
+    native_tensor_specs,
+)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+# What is fetched when the input is a Hub repo id: weights, configs, tokenizer data. Never code or pickles.
+HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt"]
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+MODEL_CODE_FILES = ("configuration_cheers.py", "modeling_cheers.py")
+PROCESSOR_CODE_FILES = ("processing_cheers.py", "image_processing_cheers.py")
+REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PAPER = "https://arxiv.org/abs/2603.12793"
 
 
 class ConversionError(RuntimeError):
     """The conversion cannot proceed; nothing was written."""
+
+
+class VerificationError(ConversionError):
+    """The converted folder does not reproduce the official weights; nothing was written."""
+
+
+@dataclass
+class ConversionReport:
+    """What the converter did (printed by the CLI)."""
+
+    input_dir: Path
+    output_dir: Path
+    dtype: str
+    official_tensors: int = 0
+    source_dtypes: dict[str, int] = field(default_factory=dict)
+    mapped: int = 0
+    dropped: dict[str, str] = field(default_factory=dict)
+    native_tensors: int = 0
+    shards: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    float32_tensors: list[str] = field(default_factory=list)
+    lm_head: str = ""
+    generation_config: str = ""
+    processor: str = ""
+    verification: dict[str, float] | None = None
+    pipeline_dir: Path | None = None
+    pipeline_verification: dict[str, float] | None = None
+
+    def format(self) -> str:
+        sources = ", ".join(f"{count} {name}" for name, count in sorted(self.source_dtypes.items()))
+        lines = [
+            "Cheers conversion report",
+            f"  input:  {self.input_dir} (official layout, model_type 'umm')",
+            f"  output: {self.output_dir} (model_type 'cheers', {self.dtype})",
+            f"  official tensors: {self.official_tensors} read ({sources}): {self.mapped} mapped, "
+            f"{len(self.dropped)} dropped",
+            *(f"    dropped {key}: {reason}" for key, reason in self.dropped.items()),
+            f"  native tensors: {self.native_tensors} written, all filled, shapes and dtypes as expected; "
+            f"{len(self.shards)} shard(s), {self.total_bytes / 1e6:.1f} MB: {', '.join(self.shards)}",
+            f"  kept in float32: {', '.join(self.float32_tensors) or 'none'}",
+            f"  lm_head: {self.lm_head}",
+            f"  generation config: {self.generation_config}",
+            f"  processor: {self.processor}",
+        ]
+        if self.verification is None:
+            lines.append("  verification: skipped (--no-verify)")
+        else:
+            numbers = ", ".join(f"{name} max abs diff {value:.3g}" for name, value in self.verification.items())
+            lines.append(f"  verification ({self.dtype}, converted folder vs unconverted weights): {numbers}: OK")
+        if self.pipeline_dir is not None:
+            numbers = ", ".join(f"{k} {v:.3g}" for k, v in (self.pipeline_verification or {}).items())
+            lines.append(f"  diffusers pipeline: {self.pipeline_dir}" + (f" ({numbers})" if numbers else ""))
+        return "\n".join(lines)
 
 
 def official_generation_config(input_dir: Path, config) -> GenerationConfig:
@@ -28,43 +103,336 @@ def official_generation_config(input_dir: Path, config) -> GenerationConfig:
     return GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
 
 
-def convert_official_checkpoint(input_dir, output_dir, dtype: str = "bfloat16", overwrite: bool = False) -> Path:
-    """Convert `input_dir` (official layout) into a native folder at `output_dir`.
+def describe_generation_config(generation_config: GenerationConfig, official: bool) -> str:
+    names = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id")
+    diff = generation_config.to_diff_dict()
+    settings = ", ".join(f"{name}={diff[name]}" for name in names if name in diff)
+    return f"{settings} ({'official generation_config.json' if official else 'no official file: greedy defaults'})"
+
+
+def resolve_input(source, revision: str | None = None) -> Path:
+    """A local official folder, or a Hub repo id downloaded with snapshot_download (safetensors/json/txt only)."""
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise ConversionError(f"{path} is not a folder.")
+        return path
+    if not REPO_ID_PATTERN.match(str(source)):
+        raise ConversionError(f"{path} is not a folder.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+    except Exception as error:  # offline, unknown repo, no access, ...
+        raise ConversionError(
+            f"{source} is not a local folder, and downloading it from the Hub failed: {type(error).__name__}: {error}"
+        ) from error
+
+
+def convert_official_checkpoint(
+    input_dir,
+    output_dir,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    verify: bool = True,
+    progress: bool = False,
+    revision: str | None = None,
+    pipeline_output=None,
+) -> ConversionReport:
+    """Convert `input_dir` (an official-layout folder, or a Hub repo id) into a native folder at `output_dir`.
+
+    Strict: every official tensor is mapped or explicitly dropped (reported), every native tensor filled with the
+    expected shape; floating weights are cast to `dtype`, BatchNorm statistics kept in float32, the tied lm_head
+    checked against the embeddings. The weights are written as safetensors shards of at most `max_shard_size`
+    (with an index when there are several), next to config.json, generation_config.json (official sampling
+    defaults), the processor files and the code files that make the folder load with trust_remote_code. With
+    `verify`, the written folder is re-read (names, shapes, dtypes) and loaded, and its logits and one velocity
+    step are compared with the same computation on the unconverted weights; any difference is an error.
+    `pipeline_output` also writes a diffusers pipeline folder.
 
     The folder is assembled in a temporary sibling and renamed into place at the end, so a failed or interrupted
     run leaves nothing behind and an existing folder is replaced only once the new one is complete.
     """
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
     if dtype not in DTYPES:
         raise ConversionError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
-    if output_dir.exists() and not overwrite:
-        raise ConversionError(f"{output_dir} already exists; pass --overwrite to replace it.")
+    check_shard_size(max_shard_size)
+    output_dir = Path(output_dir)
+    targets = [output_dir] + ([Path(pipeline_output)] if pipeline_output is not None else [])
+    for target in targets:
+        if target.exists() and not overwrite:
+            raise ConversionError(f"{target} already exists; pass --overwrite to replace it.")
+    input_dir = resolve_input(input_dir, revision)
+    for target in targets:
+        if target.resolve() == input_dir.resolve() or input_dir.resolve() in target.resolve().parents:
+            raise ConversionError(f"The output {target} must not be inside the input folder {input_dir}.")
+    with progress_bars(progress):
+        return _convert(input_dir, output_dir, DTYPES[dtype], max_shard_size, verify, progress, pipeline_output)
+
+
+def _convert(input_dir, output_dir, torch_dtype, max_shard_size, verify, progress, pipeline_output):
+    dtype = str(torch_dtype).removeprefix("torch.")
     try:
-        model = load_official_checkpoint(input_dir, dtype=DTYPES[dtype])
+        converted = convert_official_folder(input_dir, torch_dtype, progress=progress)
     except OfficialCheckpointError as error:
         raise ConversionError(str(error)) from error
-    model.generation_config = official_generation_config(input_dir, model.config)
+    report = ConversionReport(
+        input_dir=input_dir,
+        output_dir=output_dir,
+        dtype=dtype,
+        official_tensors=len(converted.official_keys),
+        source_dtypes=converted.source_dtypes,
+        mapped=len(converted.state_dict),
+        dropped=converted.dropped,
+        lm_head=converted.lm_head,
+    )
+    generation_config = official_generation_config(input_dir, converted.config)
+    report.generation_config = describe_generation_config(
+        generation_config, (input_dir / "generation_config.json").exists()
+    )
+    specs = native_tensor_specs(converted.config, torch_dtype)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        model.save_pretrained(staging)
-        save_processor_if_available(input_dir, staging)
+    with contextlib.ExitStack() as stack:
+        staging = stack.enter_context(staging_folder(output_dir))
+        write_native_weights(staging, converted, generation_config, torch_dtype, max_shard_size)
+        del converted  # the tensors now live in the shards
+        report.processor = save_processor_if_available(input_dir, staging)
+        report.shards, report.total_bytes = check_written_folder(staging, specs)
+        report.native_tensors = len(specs)
+        report.float32_tensors = sorted(
+            key for key, spec in specs.items() if spec.dtype == torch.float32 and torch_dtype != torch.float32
+        )
+        if verify:
+            report.verification = verify_against_official(staging, input_dir, torch_dtype)
+        if pipeline_output is not None:
+            pipeline_staging = stack.enter_context(staging_folder(Path(pipeline_output)))
+            report.pipeline_verification = write_pipeline_folder(staging, pipeline_staging, torch_dtype, verify)
+            report.pipeline_dir = Path(pipeline_output)
+        # Everything is written and checked: only renames are left.
+        normalise_permissions(staging)
         replace_folder(staging, output_dir)
+        if pipeline_output is not None:
+            replace_folder(pipeline_staging, Path(pipeline_output))
+    return report
+
+
+def check_shard_size(max_shard_size) -> None:
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"Invalid --max-shard-size {max_shard_size!r}: {error}") from error
+    if size <= 0:
+        raise ConversionError(f"Invalid --max-shard-size {max_shard_size!r}: must be positive.")
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """Progress bars of transformers (shard writing, loading) on or off for the block, restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    (transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (transformers_logging.enable_progress_bar if was_enabled else transformers_logging.disable_progress_bar)()
+
+
+@contextlib.contextmanager
+def staging_folder(target: Path):
+    """A fresh hidden sibling of `target`, removed again if the block fails or is interrupted."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return output_dir
+    shutil.rmtree(staging, ignore_errors=True)  # renamed away on success; this only cleans an unused one
 
 
-def save_processor_if_available(input_dir: Path, output_dir: Path) -> bool:
+def normalise_permissions(folder: Path) -> None:
+    """Ordinary file modes (some writers create private files), as if the files had been written with open()."""
+    mode = 0o666 & ~current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_native_weights(staging: Path, converted, generation_config, dtype, max_shard_size) -> None:
+    """config.json, generation_config.json, code files and the weight shards (+ index), via save_pretrained.
+
+    The model is built on the meta device, so only the converted tensors take memory; save_pretrained writes them
+    (without the tied lm_head) in shards with its progress bar ("Writing model shards") and copies the code files
+    named in auto_map. Only safetensors are written.
+    """
+    from .modeling_cheers import CheersForConditionalGeneration
+    from .official_checkpoint import cast_like_from_pretrained
+
+    with torch.device("meta"):
+        skeleton = CheersForConditionalGeneration(converted.config)
+    cast_like_from_pretrained(skeleton, dtype)
+    skeleton.generation_config = generation_config
+    skeleton.save_pretrained(staging, state_dict=dict(converted.state_dict), max_shard_size=max_shard_size)
+
+
+def save_processor_if_available(input_dir: Path, output_dir: Path) -> str:
     """Write processor + tokenizer + chat template when the official folder carries tokenizer files."""
     if not (input_dir / "vocab.json").exists():
-        return False
+        return "none written (no vocab.json in the official folder)"
     from .processing_cheers import CheersProcessor
 
-    CheersProcessor.from_official_checkpoint(input_dir).save_pretrained(output_dir)
-    return True
+    processor = CheersProcessor.from_official_checkpoint(input_dir)
+    config = json.loads((output_dir / "config.json").read_text())
+    for name in ("image_token", "image_gen_token", "image_start_token", "image_end_token", "null_token"):
+        token_id, expected = getattr(processor, f"{name}_id"), config[f"{name}_id"]
+        if token_id != expected:
+            raise ConversionError(
+                f"The tokenizer gives {getattr(processor, name)!r} id {token_id}, but the model config expects "
+                f"{expected}; the tokenizer files do not belong to this checkpoint."
+            )
+    processor.save_pretrained(output_dir)
+    return (
+        f"tokenizer ({len(processor.tokenizer)} tokens, Cheers tokens {processor.image_token_id}.."
+        f"{processor.null_token_id}), chat template, image processor (resolution "
+        f"{processor.image_processor.resolution}, patch {processor.image_processor.patch_size})"
+    )
+
+
+def check_written_folder(folder: Path, specs: dict[str, TensorSpec]) -> tuple[list[str], int]:
+    """Re-read the written folder: every native tensor stored once with its shape and dtype, code files present.
+
+    Returns (shard file names, total bytes of the shards).
+    """
+    from safetensors import safe_open
+
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.exists():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    else:
+        weight_map, shards = None, ["model.safetensors"]
+    stored: dict[str, TensorSpec] = {}
+    for shard in shards:
+        with safe_open(folder / shard, framework="pt") as handle:
+            for key in handle.keys():
+                if key in stored or (weight_map is not None and weight_map.get(key) != shard):
+                    raise ConversionError(f"Written shard {shard} holds {key!r} unexpectedly (duplicate/unindexed).")
+                piece = handle.get_slice(key)
+                stored[key] = TensorSpec(tuple(piece.get_shape()), piece.get_dtype())
+    expected = {key: TensorSpec(spec.shape, SAFETENSORS_DTYPES[spec.dtype]) for key, spec in specs.items()}
+    if stored != expected:
+        missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        wrong = sorted(key for key in set(stored) & set(expected) if stored[key] != expected[key])
+        raise ConversionError(
+            f"The written weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"wrong shape/dtype {[(key, stored[key], expected[key]) for key in wrong[:5]]}"
+        )
+    check_remote_code_files(folder)
+    return shards, sum((folder / shard).stat().st_size for shard in shards)
+
+
+def check_remote_code_files(folder: Path) -> list[str]:
+    """Every code file an auto_map names is in the folder, with all its relative imports. Returns their names."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    entries = []
+    for name in ("config.json", "processor_config.json"):
+        if (folder / name).is_file():
+            entries += json.loads((folder / name).read_text()).get("auto_map", {}).values()
+    named = {entry.split(".")[0] + ".py" for entry in entries} | set(MODEL_CODE_FILES)
+    absent = sorted(name for name in named if not (folder / name).is_file())
+    if absent:
+        raise ConversionError(f"The written folder lacks the remote-code files {absent}.")
+    files = set(named)
+    for name in named:
+        files |= {Path(path).name for path in get_relative_import_files(str(folder / name))}
+    return sorted(files)
+
+
+def verification_inputs(config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small fixed prompt with one image (and a latent for one velocity step), the same for both sides."""
+    generator = torch.Generator().manual_seed(seed)
+    vision = config.vision_config
+    text = torch.randint(
+        0, min(config.text_config.vocab_size, config.pad_token_id or 151643), (8,), generator=generator
+    )
+    ids = [
+        *text[:5].tolist(),
+        config.image_start_token_id,
+        *[config.image_token_id] * config.num_image_tokens,
+        config.image_end_token_id,
+        *text[5:].tolist(),
+    ]
+    grid = vision.image_size // vision.patch_size
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values": torch.rand(1, 3, vision.image_size, vision.image_size, generator=generator),
+        "latents": torch.randn(1, config.latent_channels, grid, grid, generator=generator),
+        "timestep": torch.tensor(0.5),
+    }
+
+
+@torch.no_grad()
+def logits_and_velocity(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the prompt and one velocity step of the flow head after it (the prompt cache)."""
+    model = model.eval()
+    output = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        pixel_values=inputs["pixel_values"],
+        use_cache=True,
+    )
+    velocity = model.model.compute_velocity(
+        inputs["latents"].to(model.dtype), inputs["timestep"], output.cache, inputs["attention_mask"]
+    ).velocity
+    return output.logits.float(), velocity.float()
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return (a.double() - b.double()).abs().max().item()
+
+
+def verify_against_official(folder: Path, input_dir: Path, dtype: torch.dtype, atol: float = 0.0) -> dict[str, float]:
+    """Load the converted folder and the unconverted weights in `dtype`; their logits and velocity must agree."""
+    from .modeling_cheers import CheersForConditionalGeneration
+
+    converted = CheersForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    inputs = verification_inputs(converted.config)
+    ours = logits_and_velocity(converted, inputs)
+    del converted
+    theirs = logits_and_velocity(load_official_checkpoint(input_dir, dtype), inputs)
+    result = {"logits": max_abs_diff(ours[0], theirs[0]), "velocity": max_abs_diff(ours[1], theirs[1])}
+    bad = {name: value for name, value in result.items() if not value <= atol}  # NaN fails too
+    if bad or not all(torch.isfinite(tensor).all() for tensor in (*ours, *theirs)):
+        raise VerificationError(
+            f"The converted folder does not reproduce the unconverted weights: max abs diff {result} (allowed "
+            f"{atol}), or non-finite outputs. Nothing was written."
+        )
+    return result
+
+
+def write_pipeline_folder(model_dir: Path, pipeline_dir: Path, dtype: torch.dtype, verify: bool) -> dict[str, float]:
+    """Write a diffusers pipeline folder for the converted model (see docs/conversion.md)."""
+    try:
+        from .pipelines import CheersPipeline  # noqa: F401
+    except ImportError as error:
+        raise ConversionError(
+            f"--pipeline-output needs transformers_cheers.pipelines.CheersPipeline: {error}"
+        ) from error
+    raise ConversionError("--pipeline-output is not available yet.")
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -73,9 +441,220 @@ def replace_folder(new: Path, target: Path) -> None:
     if target.exists():
         backup = target.with_name(f".{target.name}.old-{new.name.rsplit('-', 1)[-1]}")
         target.rename(backup)
-    new.rename(target)
+    try:
+        new.rename(target)
+    except BaseException:
+        if backup is not None:
+            backup.rename(target)
+        raise
     if backup is not None:
         shutil.rmtree(backup)
 
 
-__all__ = ["ConversionError", "convert_official_checkpoint"]
+# --------------------------------------------------------------------------------------------------------------------
+# Hub: model card and upload
+# --------------------------------------------------------------------------------------------------------------------
+
+CITATION = """@article{cheers2026,
+  title   = {Cheers},
+  journal = {arXiv preprint arXiv:2603.12793},
+  year    = {2026},
+  url     = {https://arxiv.org/abs/2603.12793}
+}"""
+
+
+def folder_summary(folder: Path) -> dict:
+    """Facts about a converted folder for the model card (dtype, shards, size, what it contains)."""
+    config = json.loads((folder / "config.json").read_text())
+    shards = sorted(path.name for path in folder.glob("*.safetensors"))
+    return {
+        "dtype": config.get("dtype") or config.get("torch_dtype") or "unknown",
+        "shards": shards,
+        "size_gb": sum((folder / shard).stat().st_size for shard in shards) / 1e9,
+        "resolution": config.get("vision_config", {}).get("image_size"),
+        "processor": (folder / "processor_config.json").is_file(),
+        "code_files": sorted(path.name for path in folder.glob("*.py")),
+    }
+
+
+def model_card(repo_id: str, folder, base_model: str | None = None, pipeline_repo_id: str | None = None) -> str:
+    """README.md for a converted folder: metadata (Apache-2.0), the four ways to use it, the citation."""
+    from huggingface_hub import ModelCardData
+
+    facts = folder_summary(Path(folder))
+    data = ModelCardData(
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="any-to-any",
+        base_model=base_model,
+        tags=[
+            "cheers",
+            "multimodal",
+            "image-text-to-text",
+            "text-to-image",
+            "image-editing",
+            "custom_code",
+            "diffusers",
+        ],
+    )
+    pipeline_repo = pipeline_repo_id or "path/to/cheers-pipeline"
+    return f"""---
+{data.to_yaml()}
+---
+
+# Cheers ({facts["dtype"]}, transformers-native)
+
+[Cheers]({PAPER}) is a unified multimodal model: one language model (Qwen2) reads images through a unified vision
+tokenizer (FLUX.2 VAE + SigLIP) and generates images with a cascaded flow-matching head. This repository holds the
+official weights converted with transformers-cheers' `conversion/convert_cheers_to_hf.py`
+{f"from [{base_model}](https://huggingface.co/{base_model}) " if base_model else ""}to the Hugging Face-native
+layout: {len(facts["shards"])} safetensors shard(s), {facts["size_gb"]:.2f} GB, {facts["dtype"]} weights with the
+VAE BatchNorm statistics in float32, the language-model head tied to the token embedding, the unused SigLIP pooling
+head dropped. The converter checked that these weights give the same logits and velocities as the unconverted ones.
+
+## With the `transformers_cheers` package
+
+```python
+import torch
+from PIL import Image
+from transformers_cheers import CheersForConditionalGeneration, CheersProcessor
+
+model = CheersForConditionalGeneration.from_pretrained("{repo_id}", dtype=torch.bfloat16, device_map="auto")
+processor = CheersProcessor.from_pretrained("{repo_id}")
+
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Describe this image."}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=[Image.open("photo.jpg")], text=prompt).to(model.device)
+output = model.generate(**inputs, max_new_tokens=128)
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+## Without it: `trust_remote_code`
+
+The model, processor and image-processor code files ({", ".join(facts["code_files"])}) travel with the weights;
+they import only transformers, diffusers, torch, PIL and numpy.
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True, dtype="auto")
+processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+```
+
+## Text-to-image with diffusers
+
+```python
+import torch
+from transformers_cheers import CheersFlowMatchScheduler, CheersPipeline
+
+pipe = CheersPipeline(model=model, processor=processor, scheduler=CheersFlowMatchScheduler())
+image = pipe("A red apple on a wooden table.", generator=torch.manual_seed(0)).images[0]
+
+# or, from a pipeline folder written with `convert_cheers_to_hf.py --pipeline-output`:
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("{pipeline_repo}", trust_remote_code=True, torch_dtype=torch.bfloat16)
+```
+
+## Fine-tuning with LoRA (PEFT)
+
+```python
+from peft import LoraConfig, PeftModel, get_peft_model
+
+# the language model's attention projections (a regex on module names)
+config = LoraConfig(r=16, lora_alpha=32, target_modules=r".*language_model.*\\.(q_proj|k_proj|v_proj|o_proj)")
+model = get_peft_model(model, config)   # train, then model.save_pretrained("cheers-lora")
+# later: model = PeftModel.from_pretrained(CheersForConditionalGeneration.from_pretrained("{repo_id}"), "cheers-lora")
+```
+
+## License and citation
+
+Apache-2.0, as the official release. If you use Cheers, please cite the paper ([arXiv 2603.12793]({PAPER})):
+
+```bibtex
+{CITATION}
+```
+"""
+
+
+def hub_operations(folder: Path, card: str) -> list:
+    """One CommitOperationAdd per file of `folder` (hidden files skipped) plus the generated README.md."""
+    from huggingface_hub import CommitOperationAdd
+
+    operations = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+            if relative != "README.md":
+                operations.append(CommitOperationAdd(path_in_repo=relative, path_or_fileobj=str(path)))
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    return operations
+
+
+def push_to_hub(
+    folder,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    base_model: str | None = None,
+    pipeline_repo_id: str | None = None,
+    card: str | None = None,
+    token: str | None = None,
+    large_folder: bool = False,
+    api=None,
+):
+    """Upload a converted folder (+ a generated model card) to the Hub as ONE commit; returns the CommitInfo.
+
+    Creates the repo if needed (`private`), and the branch `revision` if it does not exist (unless `create_pr`, which
+    opens a pull request against `revision` instead). huggingface_hub uploads the large files through Xet (or LFS)
+    before the commit is created; they are content-addressed, so re-running after an interruption re-sends only
+    what the Hub does not have yet. `large_folder=True` uses `HfApi.upload_folder`'s pipelined upload instead
+    (several commits for very large folders; resumable by re-running).
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        raise ConversionError(f"{folder} is not a converted Cheers folder (no config.json / safetensors).")
+    if json.loads((folder / "config.json").read_text()).get("model_type") != "cheers":
+        raise ConversionError(f"{folder}/config.json is not a native Cheers config (model_type 'cheers').")
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise ConversionError(f"{folder} contains pickled weights; only safetensors are uploaded.")
+    api = api or HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True).repo_id
+    card = card if card is not None else model_card(repo_id, folder, base_model, pipeline_repo_id)
+    message = commit_message or "Upload Cheers (converted with transformers-cheers)"
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    if large_folder:
+        if create_pr:
+            raise ConversionError("--large-folder cannot open a pull request; push to a branch (--revision).")
+        (folder / "README.md").write_text(card)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            commit_message=message,
+            ignore_patterns=[".*", "**/.*"],
+        )
+    return api.create_commit(
+        repo_id,
+        hub_operations(folder, card),
+        commit_message=message,
+        repo_type="model",
+        revision=revision,
+        create_pr=create_pr,
+    )
+
+
+__all__ = [
+    "ConversionError",
+    "ConversionReport",
+    "VerificationError",
+    "convert_official_checkpoint",
+    "model_card",
+    "push_to_hub",
+]

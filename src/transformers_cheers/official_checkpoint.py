@@ -6,6 +6,8 @@ One table (`NAME_RULES`, refined by `HEAD_RULES` and `VAE_BLOCK_RULES`) maps eve
 
 import json
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ from .configuration_cheers import CheersConfig
 # One table in two parts. NAME_RULES: the first matching (regex, replacement) renames the whole key; None drops the
 # tensor. VAE_BLOCK_RULES then rename the inside of both VAE decoders/encoders (BFL names -> diffusers names).
 # `<REVERSED:N>` becomes `levels - 1 - N`: BFL numbers the decoder's up levels from the output side, diffusers from
-# the input side.
+# the input side. Every None rule has its reason in DROPPED_TENSORS.
 NAME_RULES: list[tuple[str, str | None]] = [
     # LLM and vision tower: the reused transformers classes already use the official names.
     (r"^lm_head\.weight$", None),  # tied to the token embedding; checked equal before it is dropped
@@ -96,6 +98,14 @@ OFFICIAL_VAE_DEFAULTS = {
     "num_res_blocks": 2,
     "z_channels": 32,
 }
+# Why each dropped official tensor may go (the converter lists every dropped tensor with its reason).
+DROPPED_TENSORS: dict[str, str] = {
+    r"^lm_head\.weight$": "tied: equal to model.language_model.embed_tokens.weight (checked before dropping)",
+    r"^model\.vision_representation\.head\.": "SigLIP pooling head: computed by the official model, never used",
+}
+# Floating dtypes an official tensor may be stored in (cast to the target dtype when converting).
+OFFICIAL_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EMBEDDING_KEY = "model.language_model.embed_tokens.weight"
 _TEXT_KEYS = (*OFFICIAL_TEXT_DEFAULTS, "hidden_size", "intermediate_size", "num_attention_heads")
 # The VAE has no config fields for these; they are constants of the FLUX.2 autoencoder and of Cheers' code.
 FLUX2_GROUP_NORM_GROUPS = 32
@@ -108,7 +118,7 @@ class OfficialCheckpointError(ValueError):
 
 
 def convert_official_key(key: str, num_up_blocks: int) -> str | None:
-    """Native name of an official tensor, or None when the tensor is deliberately dropped."""
+    """Native name of an official tensor, or None when the tensor is deliberately dropped (see DROPPED_TENSORS)."""
     for pattern, replacement in NAME_RULES:
         if re.search(pattern, key):
             break
@@ -125,6 +135,18 @@ def convert_official_key(key: str, num_up_blocks: int) -> str | None:
     return re.sub(r"<REVERSED:(\d+)>", lambda m: str(num_up_blocks - 1 - int(m.group(1))), new_key)
 
 
+def drop_reason(key: str) -> str:
+    """Why the official tensor `key` (one that `convert_official_key` drops) is not carried over."""
+    return next(reason for pattern, reason in DROPPED_TENSORS.items() if re.search(pattern, key))
+
+
+def convert_official_tensor(new_key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Reshape an official tensor for its native slot (BFL's 1x1 attention convs are diffusers' linears)."""
+    if ".mid_block.attentions.0.to_" in new_key and new_key.endswith(".weight") and tensor.ndim == 4:
+        return tensor[:, :, 0, 0]
+    return tensor
+
+
 def convert_official_state_dict(
     state_dict: dict[str, torch.Tensor], config: CheersConfig
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -136,36 +158,50 @@ def convert_official_state_dict(
         if new_key is None:
             dropped.append(key)
             continue
-        if ".mid_block.attentions.0.to_" in new_key and new_key.endswith(".weight") and tensor.ndim == 4:
-            tensor = tensor[:, :, 0, 0]  # BFL's 1x1 convs are diffusers' linear projections
-        converted[new_key] = tensor
-    check_tied_embeddings(state_dict)
+        converted[new_key] = convert_official_tensor(new_key, tensor)
+    check_tied_embeddings(state_dict.get("lm_head.weight"), state_dict.get(EMBEDDING_KEY))
     return converted, dropped
 
 
-def check_tied_embeddings(state_dict: dict[str, torch.Tensor]) -> None:
-    head, embedding = state_dict.get("lm_head.weight"), state_dict.get("model.language_model.embed_tokens.weight")
-    if head is not None and embedding is not None and not torch.equal(head, embedding):
-        raise OfficialCheckpointError(
-            "lm_head.weight differs from the token embedding, but Cheers ties them; this checkpoint cannot be "
-            "converted to a tied model without changing its outputs."
+def check_tied_embeddings(head: torch.Tensor | None, embedding: torch.Tensor | None) -> str:
+    """Cheers ties lm_head to the token embedding: a stored lm_head must equal it bit for bit. Returns a summary."""
+    if head is None:
+        return "absent from the checkpoint; tied to model.language_model.embed_tokens.weight"
+    if embedding is None:
+        return "present, but the checkpoint has no token embedding to compare it with"  # reported as missing
+    if head.shape != embedding.shape or head.dtype != embedding.dtype or not torch.equal(head, embedding):
+        difference = (
+            f"max abs diff {(head.float() - embedding.float()).abs().max().item():.3g}"
+            if head.shape == embedding.shape
+            else f"shapes {tuple(head.shape)} vs {tuple(embedding.shape)}"
         )
+        raise OfficialCheckpointError(
+            f"lm_head.weight differs from the token embedding ({difference}), but Cheers ties them; this checkpoint "
+            "cannot be converted to a tied model without changing its outputs."
+        )
+    return (
+        f"equal to model.language_model.embed_tokens.weight bit for bit ({tuple(head.shape)}, "
+        f"{str(head.dtype).removeprefix('torch.')}): tied, not stored"
+    )
 
 
 def config_from_official(official: dict, **overrides) -> CheersConfig:
     """CheersConfig from an official config.json dict (class defaults of the remote code fill its gaps)."""
-    for field in ("text_config", "vision_representation_config"):
-        if field not in official:
-            raise OfficialCheckpointError(f"config.json has no {field!r}: not an official Cheers (umm) config.")
+    for field_name in ("text_config", "vision_representation_config"):
+        if field_name not in official:
+            raise OfficialCheckpointError(f"config.json has no {field_name!r}: not an official Cheers (umm) config.")
     text = {**OFFICIAL_TEXT_DEFAULTS, **official["text_config"]}
     text = {key: text[key] for key in _TEXT_KEYS if key in text}
     vision = {**OFFICIAL_VISION_DEFAULTS, **official["vision_representation_config"]}
     vision = {key: vision[key] for key in OFFICIAL_VISION_DEFAULTS}
     vision["vision_use_head"] = False
     vae, projector = vae_configs_from_official(official.get("vae_encoder_config"), official.get("vae_decoder_config"))
-    return CheersConfig(
-        text_config=text, vision_config=vision, vae_config=vae, decoder_projector_config=projector, **overrides
-    )
+    try:
+        return CheersConfig(
+            text_config=text, vision_config=vision, vae_config=vae, decoder_projector_config=projector, **overrides
+        )
+    except (TypeError, ValueError) as error:
+        raise OfficialCheckpointError(f"config.json does not describe a valid Cheers model: {error}") from error
 
 
 def vae_configs_from_official(encoder: dict | None, decoder: dict | None) -> tuple[dict, dict]:
@@ -197,34 +233,84 @@ def vae_configs_from_official(encoder: dict | None, decoder: dict | None) -> tup
     return vae, projector
 
 
-def read_official_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an official folder (single file or sharded with an index); only safetensors are read."""
+def official_tensor_index(folder: Path) -> dict[str, str]:
+    """{tensor name: shard file} of an official folder (one model.safetensors, or shards listed by an index).
+
+    Reads only the safetensors headers. The index and the shards must agree: a listed shard that is absent or
+    unreadable, a tensor the index places in a shard that lacks it, or a tensor stored in two shards is an error.
+    Only safetensors are read (a folder with only pickled weights is refused).
+    """
     index_file = folder / "model.safetensors.index.json"
     if index_file.exists():
-        shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise OfficialCheckpointError(f"{index_file} is not a valid safetensors index: {error}") from error
+        shards = sorted(set(weight_map.values()))
     elif (folder / "model.safetensors").exists():
-        shards = ["model.safetensors"]
+        weight_map, shards = None, ["model.safetensors"]
     else:
-        raise OfficialCheckpointError(f"No model.safetensors or model.safetensors.index.json in {folder}.")
-    state_dict = {}
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+        hint = f" (found only {', '.join(pickled)}: pickled weights are never read)" if pickled else ""
+        raise OfficialCheckpointError(f"No model.safetensors or model.safetensors.index.json in {folder}{hint}.")
+    located: dict[str, str] = {}
     for shard in shards:
+        for key in shard_keys(folder, shard):
+            if key in located:
+                raise OfficialCheckpointError(f"Tensor {key!r} is stored in both {located[key]} and {shard}.")
+            located[key] = shard
+    if weight_map is not None:
+        misplaced = sorted(key for key, shard in weight_map.items() if located.get(key) != shard)
+        if misplaced:
+            raise OfficialCheckpointError(
+                f"The index places {len(misplaced)} tensor(s) in shards that do not hold them, e.g. {misplaced[0]!r} "
+                f"in {weight_map[misplaced[0]]}."
+            )
+        unlisted = sorted(set(located) - set(weight_map))
+        if unlisted:
+            raise OfficialCheckpointError(f"Tensor {unlisted[0]!r} ({located[unlisted[0]]}) is not in the index.")
+    return located
+
+
+def shard_keys(folder: Path, shard: str) -> list[str]:
+    path = folder / shard
+    if not path.is_file():
+        raise OfficialCheckpointError(f"Shard {shard} is listed in the index but missing from {folder}.")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise OfficialCheckpointError(f"Cannot read {path} (truncated or corrupt?): {error}") from error
+
+
+def iter_official_tensors(folder: Path, located: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of `located` (see `official_tensor_index`), one shard open at a time."""
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in located.items():
+        by_shard.setdefault(shard, []).append(key)
+    for shard, keys in by_shard.items():
         path = folder / shard
-        if not path.exists():
-            raise OfficialCheckpointError(f"Shard {shard} is listed in the index but missing from {folder}.")
         try:
             with safe_open(path, framework="pt") as handle:
-                for key in handle.keys():
-                    state_dict[key] = handle.get_tensor(key)
+                for key in keys:
+                    yield key, handle.get_tensor(key)
         except (SafetensorError, OSError) as error:
             raise OfficialCheckpointError(f"Cannot read {path} (truncated or corrupt?): {error}") from error
-    return state_dict
+
+
+def read_official_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an official folder (single file or sharded with an index); only safetensors are read."""
+    return dict(iter_official_tensors(folder, official_tensor_index(folder)))
 
 
 def read_official_config(folder: Path) -> dict:
     config_file = folder / "config.json"
     if not config_file.exists():
         raise OfficialCheckpointError(f"No config.json in {folder}.")
-    official = json.loads(config_file.read_text())
+    try:
+        official = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise OfficialCheckpointError(f"{config_file} is not valid JSON: {error}") from error
     if official.get("model_type") != "umm":
         raise OfficialCheckpointError(
             f"{config_file} has model_type {official.get('model_type')!r}, expected the official 'umm'."
@@ -232,34 +318,135 @@ def read_official_config(folder: Path) -> dict:
     return official
 
 
-def load_official_checkpoint(folder, dtype: torch.dtype = torch.float32, **config_overrides):
-    """Build a native `CheersForConditionalGeneration` from an official-layout folder, strictly.
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
-    Every official tensor must be mapped or deliberately dropped, and every native tensor filled.
+
+def native_tensor_specs(config: CheersConfig, dtype: torch.dtype) -> dict[str, TensorSpec]:
+    """Every tensor a native checkpoint stores, with its shape and dtype (as from_pretrained(dtype=...) expects).
+
+    Floating tensors are in `dtype` except the BatchNorm statistics (float32, `_keep_in_fp32_modules_strict`);
+    `lm_head.weight` is tied to the token embedding and not stored. Built on the meta device: costs no memory.
     """
     from .modeling_cheers import CheersForConditionalGeneration
+
+    with torch.device("meta"):
+        model = CheersForConditionalGeneration(config)
+    cast_like_from_pretrained(model, dtype)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    return {
+        key: TensorSpec(tuple(tensor.shape), tensor.dtype)
+        for key, tensor in model.state_dict().items()
+        if key not in tied
+    }
+
+
+def cast_like_from_pretrained(model, dtype: torch.dtype):
+    """`model.to(dtype)` with the BatchNorm modules kept in float32, as from_pretrained does."""
+    model.to(dtype)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.float()
+    return model
+
+
+@dataclass
+class OfficialConversion:
+    """The native tensors of an official folder, with what happened to every official tensor."""
+
+    config: CheersConfig
+    state_dict: dict[str, torch.Tensor]
+    official_keys: list[str]
+    dropped: dict[str, str] = field(default_factory=dict)  # official key -> reason
+    source_dtypes: dict[str, int] = field(default_factory=dict)  # dtype name -> number of official tensors
+    lm_head: str = ""
+
+
+def convert_official_folder(
+    folder, dtype: torch.dtype, progress: bool = False, **config_overrides
+) -> OfficialConversion:
+    """Read an official folder strictly and return its tensors in the native layout, cast to `dtype`.
+
+    Every official tensor must be mapped or deliberately dropped (DROPPED_TENSORS), every native tensor filled
+    exactly once, with the native shape; floating tensors must be stored in a floating dtype
+    (OFFICIAL_FLOAT_DTYPES) and integer ones (BatchNorm's num_batches_tracked) in an integer dtype. Tensors are read
+    one at a time (with a progress bar when `progress`) and cast as they arrive, so the peak memory is one copy of
+    the model in `dtype`.
+    """
+    from huggingface_hub.utils import tqdm
 
     folder = Path(folder)
     if not folder.is_dir():
         raise OfficialCheckpointError(f"{folder} is not a folder.")
     config = config_from_official(read_official_config(folder), **config_overrides)
-    state_dict, _ = convert_official_state_dict(read_official_state_dict(folder), config)
-    model = CheersForConditionalGeneration(config)
-    expected = set(model.state_dict()) - {"lm_head.weight"}
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-    if missing or unexpected:
-        raise OfficialCheckpointError(
-            f"Checkpoint does not match the model: missing {missing}, unexpected {unexpected}"
-        )
-    for key, tensor in model.state_dict().items():
-        if key in state_dict and state_dict[key].shape != tensor.shape:
+    located = official_tensor_index(folder)
+    specs = native_tensor_specs(config, dtype)
+    num_up_blocks = len(config.vae_config["block_out_channels"])
+    result = OfficialConversion(config=config, state_dict={}, official_keys=list(located))
+    head = embedding = None
+    tensors = iter_official_tensors(folder, located)
+    for key, tensor in tqdm(
+        tensors, total=len(located), desc="Converting tensors", unit="tensor", disable=not progress
+    ):
+        dtype_name = str(tensor.dtype).removeprefix("torch.")
+        result.source_dtypes[dtype_name] = result.source_dtypes.get(dtype_name, 0) + 1
+        new_key = convert_official_key(key, num_up_blocks)
+        if key == "lm_head.weight":
+            head = tensor
+        elif key == EMBEDDING_KEY:
+            embedding = tensor
+        if new_key is None:
+            result.dropped[key] = drop_reason(key)
+            continue
+        if new_key not in specs:
             raise OfficialCheckpointError(
-                f"{key}: checkpoint shape {tuple(state_dict[key].shape)} != model shape {tuple(tensor.shape)}"
+                f"Unexpected tensor {key!r} (native name {new_key!r}): the model described by config.json has no "
+                "such tensor."
             )
-    model.load_state_dict(state_dict, strict=False)  # lm_head is tied, the only key not in the file
+        tensor = convert_official_tensor(new_key, tensor)
+        check_official_tensor(key, new_key, tensor, specs[new_key])
+        result.state_dict[new_key] = tensor.to(specs[new_key].dtype)
+    missing = sorted(set(specs) - set(result.state_dict))
+    if missing:
+        shown = missing if len(missing) <= 5 else [*missing[:5], f"... {len(missing) - 5} more"]
+        raise OfficialCheckpointError(f"Checkpoint does not match the model: missing {shown}")
+    result.lm_head = check_tied_embeddings(head, embedding)
+    # the model's own order, so the output (and its sharding) does not depend on how the input was sharded
+    result.state_dict = {key: result.state_dict[key] for key in specs}
+    return result
+
+
+def check_official_tensor(key: str, new_key: str, tensor: torch.Tensor, spec: TensorSpec) -> None:
+    if tuple(tensor.shape) != spec.shape:
+        raise OfficialCheckpointError(
+            f"{new_key}: checkpoint shape {tuple(tensor.shape)} != model shape {spec.shape} (official name {key!r})"
+        )
+    if spec.dtype.is_floating_point:
+        ok = tensor.dtype in OFFICIAL_FLOAT_DTYPES
+        expected = "a floating dtype (" + ", ".join(str(d).removeprefix("torch.") for d in OFFICIAL_FLOAT_DTYPES) + ")"
+    else:
+        ok = not tensor.dtype.is_floating_point and not tensor.dtype.is_complex and tensor.dtype != torch.bool
+        expected = "an integer dtype"
+    if not ok:
+        raise OfficialCheckpointError(
+            f"{key}: stored as {str(tensor.dtype).removeprefix('torch.')}, expected {expected}; the file is not an "
+            "official Cheers checkpoint or was altered."
+        )
+
+
+def load_official_checkpoint(folder, dtype: torch.dtype = torch.float32, **config_overrides):
+    """Build a native `CheersForConditionalGeneration` from an official-layout folder, strictly.
+
+    Every official tensor must be mapped or deliberately dropped, and every native tensor filled (see
+    `convert_official_folder`). The weights end up in `dtype`, the BatchNorm statistics in float32.
+    """
+    from .modeling_cheers import CheersForConditionalGeneration
+
+    converted = convert_official_folder(folder, dtype, **config_overrides)
+    model = CheersForConditionalGeneration(converted.config)
+    cast_like_from_pretrained(model, dtype)
+    model.load_state_dict(converted.state_dict, strict=False)  # lm_head is tied, the only key not in the file
     model.tie_weights()
-    model = model.to(dtype).eval()
-    for module in model.modules():  # as from_pretrained does (_keep_in_fp32_modules_strict)
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.float()
-    return model
+    return model.eval()
