@@ -198,6 +198,11 @@ class CheersPipeline(DiffusionPipeline):
                 batch.append(self.processor(text=negative_texts, images=images, **kwargs))
         model_inputs = stack_prompt_inputs(batch, self.processor.tokenizer.pad_token_id)
         model_inputs = {key: value.to(self._execution_device) for key, value in model_inputs.items()}
+        if inputs.get("pixel_values") is not None:
+            # Every branch shows the same images (context / edit source): tokenize them once, share the features.
+            pixel_values = inputs["pixel_values"].to(self._execution_device)
+            features = self.model.model.get_image_features(pixel_values).image_features
+            model_inputs["image_features"] = torch.cat([features] * len(batch))
         output = self.model.model(**model_inputs, use_cache=True)
         return output.cache, model_inputs["attention_mask"], inputs
 
@@ -373,7 +378,7 @@ class CheersPipeline(DiffusionPipeline):
 
 
 def stack_prompt_inputs(batches: list, pad_token_id: int) -> dict:
-    """Concatenate processor outputs row-wise, left-padding to a common length (prompts may differ in length)."""
+    """Concatenate the token rows of processor outputs, left-padding to a common length (prompts may differ)."""
     length = max(b["input_ids"].shape[1] for b in batches)
     merged = {}
     for key in ("input_ids", "attention_mask", "context_image_mask"):
@@ -382,9 +387,6 @@ def stack_prompt_inputs(batches: list, pad_token_id: int) -> dict:
         fill = {"input_ids": pad_token_id, "attention_mask": 0, "context_image_mask": False}[key]
         padded = [torch.nn.functional.pad(b[key], (length - b[key].shape[1], 0), value=fill) for b in batches]
         merged[key] = torch.cat(padded)
-    if batches[0].get("pixel_values") is not None:
-        merged["pixel_values"] = torch.cat([b["pixel_values"] for b in batches])
-        merged["image_grid_hw"] = torch.cat([b["image_grid_hw"] for b in batches])
     return merged
 
 
