@@ -3,8 +3,13 @@
     python examples/train_lora.py                                  # tiny random model + synthetic data, CPU is fine
     python examples/train_lora.py --model ./cheers-hf --data train.jsonl --lora-preset llm_heads --mixed-precision bf16
     python examples/train_lora.py --model ./cheers-hf --data train.jsonl --full          # official "sft" stage
-    accelerate launch --num_processes 2 --cpu examples/train_lora.py                   # DDP over gloo, unchanged
+    accelerate launch --multi_gpu --num_processes 2 examples/train_lora.py --cpu       # 2-process DDP over gloo, CPU
     accelerate launch --config_file examples/accelerate_fsdp.yaml examples/train_lora.py --model ... --full
+
+On a machine without GPUs, `accelerate launch --num_processes 2 --cpu` starts ONE process unless MPI (`mpirun`) is
+installed (that is how Accelerate 1.x launches multi-CPU jobs); the script warns when it detects this. Use
+`--multi_gpu --num_processes 2 ... --cpu` (torchrun processes, gloo backend) as above, or
+`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 examples/train_lora.py`.
 
 The objective is the official one (`model(**batch).loss` = text cross-entropy + flow-matching MSE, see
 `transformers_cheers.training`); batches come from `transformers_cheers.data` (guidance dropout, t sampling, black
@@ -20,8 +25,10 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-to", default="auto", help="'auto' (TensorBoard if installed), 'none', or a tracker")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present (gloo DDP)")
     parser.add_argument("--find-unused-parameters", action="store_true", help="DDP: batches without any image")
     parser.add_argument("--save-rank-state", action="store_true", help="debug: each rank saves its trainable weights")
     parser.add_argument("--synthetic-size", type=int, nargs=3, default=[8, 8, 4], metavar=("UND", "GEN", "TEXT"))
@@ -139,6 +147,23 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     }
 
 
+def warn_if_multi_cpu_launch_fell_back(accelerator) -> None:
+    """`accelerate launch --cpu --num_processes N` (N > 1) without mpirun runs a single, non-distributed process."""
+    cpu_launch = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if (
+        cpu_launch
+        and accelerator.num_processes == 1
+        and "MASTER_ADDR" in os.environ
+        and "WORLD_SIZE" not in os.environ
+    ):
+        warnings.warn(
+            "This run is NOT distributed: `accelerate launch --cpu --num_processes N` needs MPI (mpirun) to start N "
+            "processes. For DDP over gloo on CPUs use `accelerate launch --multi_gpu --num_processes N "
+            "examples/train_lora.py --cpu ...` instead.",
+            stacklevel=2,
+        )
+
+
 def checkpoint_folders(output_dir: Path) -> list[Path]:
     folders = [path for path in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", path.name)]
     return sorted(folders, key=lambda path: int(path.name.split("-")[1]))
@@ -149,6 +174,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
+        cpu=args.cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=trackers(args, output_dir),
@@ -157,6 +183,7 @@ def main(argv=None) -> list[dict]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
     )
+    warn_if_multi_cpu_launch_fell_back(accelerator)
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

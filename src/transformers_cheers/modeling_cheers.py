@@ -1034,6 +1034,7 @@ class CheersForConditionalGeneration(CheersPreTrainedModel, GenerationMixin):
                 image_timesteps=image_timesteps,
                 image_loss_mask=image_loss_mask,
                 num_items_in_batch=num_items_in_batch,
+                attention_mask=attention_mask,
             )
         return CheersCausalLMOutputWithPast(
             loss=losses.loss if losses is not None else None,

@@ -144,6 +144,7 @@ def compute_training_losses(
     image_timesteps: torch.Tensor | None = None,
     image_loss_mask: torch.BoolTensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> CheersTrainingLosses:
     """The official objective from one forward's outputs.
 
@@ -156,9 +157,13 @@ def compute_training_losses(
             with `patch_embeddings` and `velocity_targets`.
         image_timesteps (`(num_images,)`, *optional*): t of each image (default 1), used as given.
         image_loss_mask (`(num_images,)` bool, *optional*): which images count in the image loss (default all).
+        attention_mask (`(B, L)`, *optional*): padding positions are never the source of a text target.
     """
     config = model.config
     text_labels = rewrite_shifted_labels(labels, config.image_start_token_id, config.image_end_token_id)
+    if attention_mask is not None and attention_mask.ndim == 2:
+        # a padding position predicts nothing (with left padding it would otherwise "predict" the first token)
+        text_labels = text_labels.masked_fill(attention_mask[:, :-1].to(text_labels.device) == 0, IGNORE_INDEX)
     text_loss = text_cross_entropy(logits[:, :-1], text_labels.to(logits.device), num_items_in_batch)
 
     velocities = targets = None
