@@ -3,7 +3,9 @@
 One CLI conversion of the golden checkpoint (module fixture, in a subprocess) is shared by most tests.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -48,16 +50,16 @@ convert_cli = load_script(SCRIPT)
 
 @pytest.fixture(scope="module")
 def converted(golden, tmp_path_factory):
-    """The golden official checkpoint converted by the CLI (bf16, 2 shards, verification on). (folder, stdout)."""
+    """The golden official checkpoint converted by the CLI (bf16, 2 shards, verification on, + a diffusers
+    pipeline folder next to it). Returns (folder, printed report); the pipeline folder is folder.parent / "pipeline".
+    """
     output = tmp_path_factory.mktemp("converted") / "cheers-hf"
-    run = subprocess.run(
-        [sys.executable, SCRIPT, "--input", golden.checkpoint, "--output", output, "--max-shard-size", SHARD_SIZE],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return output, run.stdout
+    stdout, stderr = io.StringIO(), io.StringIO()
+    args = ["--input", golden.checkpoint, "--output", output, "--max-shard-size", SHARD_SIZE, "--quiet"]
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = convert_cli.main([str(arg) for arg in [*args, "--pipeline-output", output.parent / "pipeline"]])
+    assert code == 0, stderr.getvalue()[-3000:]
+    return output, stdout.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,8 @@ def test_cli_report_on_the_golden_checkpoint(converted, golden):
     assert "kept in float32: model.vae.bn.running_mean, model.vae.bn.running_var, " in report
     assert "temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05" in report
     assert "logits max abs diff 0, velocity max abs diff 0: OK" in report
-    assert sorted(path.name for path in folder.parent.iterdir()) == ["cheers-hf"]  # no staging folder left
+    assert f"diffusers pipeline: {folder.parent / 'pipeline'} (image max abs diff 0)" in report
+    assert sorted(path.name for path in folder.parent.iterdir()) == ["cheers-hf", "pipeline"]  # no staging left
 
 
 def test_written_folder_contents(converted):
@@ -250,51 +253,67 @@ def test_converted_folder_reproduces_official_prefill(golden, converted, tmp_pat
     assert_close_rel_l2(hidden, expected, tolerance_for(golden, "case2_understanding", name, precision), name)
 
 
-REMOTE_CODE_CHECK = """
+WITHOUT_THE_PACKAGE = """
 import json, sys, torch
 from PIL import Image
 from safetensors.torch import load_file
 sys.modules["transformers_cheers"] = None  # importing our package fails from here on
+from diffusers import DiffusionPipeline
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-folder, io = sys.argv[1], sys.argv[2]
+folder, pipeline_folder, io, prompt_text, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 expected = load_file(f"{io}/expected.safetensors")
-messages = json.loads(open(f"{io}/messages.json").read())
-inputs = {key: expected[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+diffs = {}
+
+# 2b. transformers with trust_remote_code: processor, image processor, base model, model with the LM head
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
 assert type(processor).__module__.startswith("transformers_modules.")
 assert type(image_processor).__name__ == "CheersImageProcessor"
+messages = json.loads(open(f"{io}/messages.json").read())
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 batch = processor(images=[Image.open(f"{io}/image.png")], text=prompt)
 for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_hw"):
     assert torch.equal(batch[key], expected[f"processed/{key}"]), key
 
+inputs = {key: expected[key] for key in ("input_ids", "attention_mask", "pixel_values")}
 model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).eval()
 assert type(model).__module__.startswith("transformers_modules.") and type(model).__name__ == "CheersModel"
 with torch.no_grad():
     out = model(**inputs, use_cache=True)
     velocity = model.compute_velocity(expected["latents"], expected["timestep"], out.cache, inputs["attention_mask"])
+diffs["hidden"] = (out.last_hidden_state.float() - expected["hidden"]).abs().max().item()
+diffs["velocity"] = (velocity.velocity.float() - expected["velocity"]).abs().max().item()
+del model
 lm = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).eval()
 with torch.no_grad():
-    logits = lm(**inputs).logits
-diffs = {
-    "hidden": (out.last_hidden_state.float() - expected["hidden"]).abs().max().item(),
-    "velocity": (velocity.velocity.float() - expected["velocity"]).abs().max().item(),
-    "logits": (logits.float() - expected["logits"]).abs().max().item(),
-}
+    diffs["logits"] = (lm(**inputs).logits.float() - expected["logits"]).abs().max().item()
+del lm
+
+# 2c. diffusers with trust_remote_code: the pipeline folder, same image as the native pipeline for a fixed seed
+pipe = DiffusionPipeline.from_pretrained(pipeline_folder, trust_remote_code=True, dtype=torch.bfloat16)
+for component in (pipe, pipe.model, pipe.processor, pipe.scheduler):
+    assert not type(component).__module__.startswith("transformers_cheers"), type(component)
+assert type(pipe).__name__ == "CheersPipeline" and pipe.model.dtype == torch.bfloat16
+pipe.set_progress_bar_config(disable=True)
+image = pipe(prompt_text, num_inference_steps=steps, generator=torch.manual_seed(7), output_type="pt").images
+diffs["image"] = (image.float() - expected["image"]).abs().max().item()
 print(diffs)
 assert max(diffs.values()) == 0, diffs
 """
+PROMPT, STEPS = "A red apple on a wooden table.", 2
 
 
-def test_loads_with_remote_code_without_the_package(converted, reference, tmp_path):
-    """AutoModel / AutoModelForImageTextToText / AutoProcessor in a process where transformers_cheers is unimportable."""
+def test_loads_with_remote_code_and_as_a_diffusers_pipeline_without_the_package(converted, reference, tmp_path):
+    """In a fresh process where transformers_cheers is unimportable: AutoModel / AutoModelForImageTextToText /
+    AutoProcessor / AutoImageProcessor from the converted folder, and DiffusionPipeline from the pipeline folder,
+    all with trust_remote_code, give exactly what the package gives."""
     from PIL import Image
 
-    from transformers_cheers import CheersProcessor
+    from transformers_cheers import CheersFlowMatchScheduler, CheersPipeline, CheersProcessor
 
     folder, _ = converted
+    pipeline_folder = folder.parent / "pipeline"
     model, inputs, (logits, _) = reference
     processor = CheersProcessor.from_pretrained(folder)
     Image.new("RGB", (96, 64), (200, 30, 60)).save(tmp_path / "image.png")
@@ -303,11 +322,14 @@ def test_loads_with_remote_code_without_the_package(converted, reference, tmp_pa
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     processed = processor(images=[Image.open(tmp_path / "image.png")], text=prompt)
     prompt_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+    pipe = CheersPipeline(model=model, processor=processor, scheduler=CheersFlowMatchScheduler())
+    pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         base = model.model(**prompt_inputs, use_cache=True)
         velocity = model.model.compute_velocity(
             inputs["latents"].to(torch.bfloat16), inputs["timestep"], base.cache, inputs["attention_mask"]
         )
+        image = pipe(PROMPT, num_inference_steps=STEPS, generator=torch.manual_seed(7), output_type="pt").images
     expected = {
         **prompt_inputs,
         "latents": inputs["latents"].to(torch.bfloat16),
@@ -316,17 +338,23 @@ def test_loads_with_remote_code_without_the_package(converted, reference, tmp_pa
         "hidden": base.last_hidden_state.float(),
         "velocity": velocity.velocity.float(),
         "logits": logits,
+        "image": image.float(),
     }
     save_file({key: value.contiguous() for key, value in expected.items()}, tmp_path / "expected.safetensors")
+
+    index = json.loads((pipeline_folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_cheers", "CheersPipeline"]
+    assert index["model"] == ["modeling_cheers", "CheersForConditionalGeneration"]
+    assert stored_tensors(pipeline_folder / "model") == stored_tensors(folder)  # the same bf16 shards
     run = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_CHECK, str(folder), str(tmp_path)],
+        [sys.executable, "-c", WITHOUT_THE_PACKAGE, folder, pipeline_folder, tmp_path, PROMPT, str(STEPS)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "{'hidden': 0.0, 'velocity': 0.0, 'logits': 0.0}" in run.stdout
+    assert "{'hidden': 0.0, 'velocity': 0.0, 'logits': 0.0, 'image': 0.0}" in run.stdout
 
 
 def module_sizes(model) -> dict[str, int]:
@@ -538,13 +566,15 @@ def test_bad_input_exits_1_with_a_clear_message_and_writes_nothing(official_copy
     assert left_behind(tmp_path) == []
 
 
-def test_existing_output_needs_overwrite(golden, tmp_path, capsys):
-    (tmp_path / "native").mkdir()
-    (tmp_path / "native" / "keep.txt").write_text("mine")
-    code, err = run_cli(capsys, "--input", golden.checkpoint, "--output", tmp_path / "native")
-    assert code == 1 and "native already exists; pass --overwrite to replace it" in err
-    assert (tmp_path / "native" / "keep.txt").read_text() == "mine"
-    assert left_behind(tmp_path) == ["native"]
+@pytest.mark.parametrize("existing", ["native", "pipeline"])
+def test_existing_output_needs_overwrite(golden, tmp_path, capsys, existing):
+    (tmp_path / existing).mkdir()
+    (tmp_path / existing / "keep.txt").write_text("mine")
+    args = ["--output", tmp_path / "native", "--pipeline-output", tmp_path / "pipeline"]
+    code, err = run_cli(capsys, "--input", golden.checkpoint, *args)
+    assert code == 1 and f"{existing} already exists; pass --overwrite to replace it" in err
+    assert (tmp_path / existing / "keep.txt").read_text() == "mine"
+    assert left_behind(tmp_path) == [existing]
 
 
 @pytest.mark.parametrize(
@@ -603,18 +633,20 @@ def test_failure_while_writing_shards_leaves_nothing_and_keeps_the_previous_outp
 
 
 def test_verification_mismatch_exits_3_and_writes_nothing(golden, tmp_path, capsys, monkeypatch):
-    """If the converted folder computed anything else than the unconverted weights, the conversion fails."""
+    """If the converted folder computed anything else than the unconverted weights, the conversion fails.
+
+    (The real comparison runs in the `converted` fixture; here the unconverted side's velocity is made to differ.)
+    """
     import transformers_cheers.conversion as conversion
 
-    original = conversion.load_official_checkpoint
+    calls = []
 
-    def perturbed_official(folder, dtype):
-        model = original(folder, dtype)
-        with torch.no_grad():
-            model.model.detail_head.final_layer.proj_out.bias.add_(1e-2)
-        return model
+    def outputs(model, inputs):
+        calls.append(type(model).__name__)
+        velocity = torch.zeros(1, 4) if len(calls) == 1 else torch.full((1, 4), 0.01)
+        return torch.zeros(1, 3), velocity
 
-    monkeypatch.setattr(conversion, "load_official_checkpoint", perturbed_official)
+    monkeypatch.setattr(conversion, "logits_and_velocity", outputs)
     code, err = run_cli(capsys, "--input", golden.checkpoint, "--output", tmp_path / "native", "--quiet")
     assert code == 3, err
     assert re.search(

@@ -206,6 +206,7 @@ def _convert(input_dir, output_dir, torch_dtype, max_shard_size, verify, progres
             report.verification = verify_against_official(staging, input_dir, torch_dtype)
         if pipeline_output is not None:
             pipeline_staging = stack.enter_context(staging_folder(Path(pipeline_output)))
+            normalise_permissions(staging)
             report.pipeline_verification = write_pipeline_folder(staging, pipeline_staging, torch_dtype, verify)
             report.pipeline_dir = Path(pipeline_output)
         # Everything is written and checked: only renames are left.
@@ -424,15 +425,88 @@ def verify_against_official(folder: Path, input_dir: Path, dtype: torch.dtype, a
     return result
 
 
+# The pipeline folder's model_index.json names classes in code files that travel with it, so that
+# DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) needs no transformers_cheers: the pipeline class in
+# the root folder, each component's class in its subfolder.
+PIPELINE_INDEX = {
+    "_class_name": ["pipeline_cheers", "CheersPipeline"],
+    "model": ["modeling_cheers", "CheersForConditionalGeneration"],
+    "processor": ["processing_cheers", "CheersProcessor"],
+    "scheduler": ["scheduling_cheers", "CheersFlowMatchScheduler"],
+}
+PIPELINE_CHECK_STEPS = 2
+
+
 def write_pipeline_folder(model_dir: Path, pipeline_dir: Path, dtype: torch.dtype, verify: bool) -> dict[str, float]:
-    """Write a diffusers pipeline folder for the converted model (see docs/conversion.md)."""
-    try:
-        from .pipelines import CheersPipeline  # noqa: F401
-    except ImportError as error:
-        raise ConversionError(
-            f"--pipeline-output needs transformers_cheers.pipelines.CheersPipeline: {error}"
-        ) from error
-    raise ConversionError("--pipeline-output is not available yet.")
+    """A diffusers pipeline folder for the converted model in `model_dir`, written into the empty `pipeline_dir`.
+
+    Layout (as `CheersPipeline.save_pretrained` writes it, plus code): model/ (the converted weights and model code,
+    copied), processor/ (processor, tokenizer, chat template, code), scheduler/ (official sampler settings, code),
+    the pipeline code at the top and model_index.json pointing at those code files. With `verify`, the folder is
+    loaded with `DiffusionPipeline.from_pretrained(pipeline_dir, trust_remote_code=True)` and must give the same
+    latents and image as `CheersPipeline` built from `model_dir`, for a fixed seed. Returns those max abs diffs.
+    """
+    import diffusers
+
+    from .pipelines import CheersFlowMatchScheduler, pipeline_cheers, scheduling_cheers
+    from .processing_cheers import CheersProcessor
+
+    if not (model_dir / "processor_config.json").is_file():
+        raise ConversionError("--pipeline-output needs the processor: the official folder has no tokenizer files.")
+    processor = CheersProcessor.from_pretrained(model_dir)
+    processor.save_pretrained(pipeline_dir / "processor")
+    processor_files = {path.name for path in (pipeline_dir / "processor").iterdir()}
+    (pipeline_dir / "model").mkdir()
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.name not in processor_files:
+            shutil.copy2(path, pipeline_dir / "model" / path.name)
+    CheersFlowMatchScheduler().save_pretrained(pipeline_dir / "scheduler")
+    copy_code(Path(scheduling_cheers.__file__), pipeline_dir / "scheduler")
+    copy_code(Path(pipeline_cheers.__file__), pipeline_dir)
+    index = {"_class_name": PIPELINE_INDEX["_class_name"], "_diffusers_version": diffusers.__version__}
+    index.update({name: entry for name, entry in PIPELINE_INDEX.items() if not name.startswith("_")})
+    (pipeline_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    normalise_permissions(pipeline_dir)
+    return verify_pipeline_folder(model_dir, pipeline_dir, dtype) if verify else {}
+
+
+def copy_code(module_file: Path, folder: Path) -> None:
+    """Copy a code file and, recursively, the files of its relative imports."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    for path in [str(module_file), *get_relative_import_files(str(module_file))]:
+        shutil.copy2(path, folder / Path(path).name)
+
+
+@torch.no_grad()
+def verify_pipeline_folder(model_dir: Path, pipeline_dir: Path, dtype: torch.dtype) -> dict[str, float]:
+    """The remote-code pipeline folder and the native pipeline give the same latents and image for a fixed seed."""
+    from diffusers import DiffusionPipeline
+
+    from .modeling_cheers import CheersForConditionalGeneration
+    from .pipelines import CheersFlowMatchScheduler, CheersPipeline
+    from .processing_cheers import CheersProcessor
+
+    def run(pipe) -> dict[str, torch.Tensor]:
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = {"num_inference_steps": PIPELINE_CHECK_STEPS, "output_type": "pt"}
+        return pipe("A red apple on a wooden table.", generator=torch.manual_seed(0), **kwargs).images.float()
+
+    native = CheersPipeline(
+        model=CheersForConditionalGeneration.from_pretrained(model_dir, dtype=dtype),
+        processor=CheersProcessor.from_pretrained(model_dir),
+        scheduler=CheersFlowMatchScheduler(),
+    )
+    expected = run(native)
+    del native
+    loaded = DiffusionPipeline.from_pretrained(pipeline_dir, trust_remote_code=True, dtype=dtype)
+    if type(loaded).__module__.startswith("transformers_cheers"):
+        raise VerificationError("The pipeline folder loaded the installed package instead of its own code files.")
+    image = run(loaded)
+    result = {"image max abs diff": max_abs_diff(image, expected)}
+    if not result["image max abs diff"] == 0:
+        raise VerificationError(f"The pipeline folder does not reproduce the native pipeline: {result}.")
+    return result
 
 
 def replace_folder(new: Path, target: Path) -> None:
