@@ -69,6 +69,9 @@ class Ours:
 
         self.config = preset_config(preset)
         self.model = CheersForConditionalGeneration(self.config).to(dtype).eval()
+        # Random weights: never stop early, so both sides decode the same number of tokens (the official loop
+        # ignores EOS only at max_length too). No min_new_tokens: its logits processor costs time per step.
+        self.model.generation_config.eos_token_id = None
         self.size = self.config.vision_config.image_size
         self.image_tokens = self.config.num_image_tokens
         self.torch = torch
@@ -83,7 +86,7 @@ class Ours:
         self.model(**inputs, use_cache=True, logits_to_keep=1)
 
     def generate(self, inputs, tokens: int) -> int:
-        output = self.model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        output = self.model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
         return output.shape[1] - inputs["input_ids"].shape[1]
 
 

@@ -25,7 +25,6 @@ def pipe():
 @pytest.fixture(scope="module")
 def fp32_pipe():
     model, processor = tiny_cheers()
-    model.config.official_vae_kernels = True
     pipeline = CheersPipeline(model=model.float(), processor=processor, scheduler=CheersFlowMatchScheduler())
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -138,6 +137,17 @@ def test_editing_runs_from_the_source_image(pipe):
         callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {},
     )
     assert len(steps) == 9 and output.images.shape == (1, 64, 64, 3)
+
+
+def test_model_cpu_offload_hooks_run_and_are_released():
+    model, processor = tiny_cheers()
+    pipeline = CheersPipeline(model=model, processor=processor, scheduler=CheersFlowMatchScheduler())
+    pipeline.set_progress_bar_config(disable=True)
+    expected = pipeline(PROMPT, num_inference_steps=2, generator=torch.manual_seed(0), output_type="pt").images
+    pipeline.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipeline.model, "_hf_hook")
+    offloaded = pipeline(PROMPT, num_inference_steps=2, generator=torch.manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(offloaded, expected)
 
 
 def test_save_and_load_round_trip(pipe, tmp_path):
