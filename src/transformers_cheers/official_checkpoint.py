@@ -4,6 +4,7 @@ One table (`NAME_RULES`, refined by `HEAD_RULES` and `VAE_BLOCK_RULES`) maps eve
 `conversion/convert_cheers_to_hf.py` and `load_official_checkpoint` both use it.
 """
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from transformers.initialization import no_init_weights
 
 from .configuration_cheers import CheersConfig
 
@@ -343,6 +345,16 @@ def native_tensor_specs(config: CheersConfig, dtype: torch.dtype) -> dict[str, T
     }
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def cast_like_from_pretrained(model, dtype: torch.dtype):
     """`model.to(dtype)` with the BatchNorm modules kept in float32, as from_pretrained does."""
     model.to(dtype)
@@ -445,7 +457,10 @@ def load_official_checkpoint(folder, dtype: torch.dtype = torch.float32, **confi
     from .modeling_cheers import CheersForConditionalGeneration
 
     converted = convert_official_folder(folder, dtype, **config_overrides)
-    model = CheersForConditionalGeneration(converted.config)
+    # Every stored tensor is overwritten below: skip the random init and build the weights in `dtype` directly
+    # (a real checkpoint would otherwise need an fp32 copy, ~9 GB, and a minute of initialisation).
+    with no_init_weights(), default_dtype(dtype):
+        model = CheersForConditionalGeneration(converted.config)
     cast_like_from_pretrained(model, dtype)
     model.load_state_dict(converted.state_dict, strict=False)  # lm_head is tied, the only key not in the file
     model.tie_weights()
