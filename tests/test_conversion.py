@@ -533,6 +533,9 @@ def break_input(fault: str, folder: Path, rewrite) -> Path:
     elif fault == "wrong_dtype":
         rewrite(lambda t: t.update({"model.und_projector.mlp.2.bias": t["model.und_projector.mlp.2.bias"].int()}))
     elif fault == "untied_lm_head":
+        config = json.loads((folder / "config.json").read_text())
+        config["text_config"]["tie_word_embeddings"] = False
+        (folder / "config.json").write_text(json.dumps(config))
         rewrite(lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1}))
     return folder
 
@@ -552,7 +555,7 @@ INPUT_FAULTS = {
     "missing_key": "missing ['model.detail_gate.layer_norm.bias']",
     "wrong_shape": "model.multi_modal_projector.linear_2.bias: checkpoint shape (7,) != model shape (32,)",
     "wrong_dtype": "model.und_projector.mlp.2.bias: stored as int32, expected a floating dtype",
-    "untied_lm_head": "lm_head.weight differs from the token embedding (max abs diff 1.0",
+    "untied_lm_head": "lm_head.weight differs from the token embedding (max abs diff 1.0",  # and the config unties
 }
 
 
@@ -564,6 +567,20 @@ def test_bad_input_exits_1_with_a_clear_message_and_writes_nothing(official_copy
     assert code == 1, err
     assert err.startswith("error: ") and INPUT_FAULTS[fault] in err, err
     assert left_behind(tmp_path) == []
+
+
+def test_a_differing_lm_head_is_dropped_when_the_official_config_ties(official_copy, tmp_path, capsys):
+    """As released (text_config.tie_word_embeddings: true), the official model replaces a stored lm_head with the
+    embedding when it loads, so a differing copy is dead weight: dropped, reported, and the outputs still agree."""
+    folder, rewrite = official_copy
+    rewrite(lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1}))
+    code = convert_cli.main(["--input", str(folder), "--output", str(tmp_path / "native"), "--quiet"])
+    report = capsys.readouterr().out
+    assert code == 0
+    assert "lm_head: DIFFERS from model.language_model.embed_tokens.weight (max abs diff 1.0" in report
+    assert "the official config ties them, so the official model replaces it with the embedding" in report
+    assert "verification (bfloat16, converted folder vs unconverted weights): logits max abs diff 0" in report
+    assert "lm_head.weight" not in stored_tensors(tmp_path / "native")
 
 
 @pytest.mark.parametrize("existing", ["native", "pipeline"])

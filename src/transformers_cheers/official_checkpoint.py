@@ -102,7 +102,7 @@ OFFICIAL_VAE_DEFAULTS = {
 }
 # Why each dropped official tensor may go (the converter lists every dropped tensor with its reason).
 DROPPED_TENSORS: dict[str, str] = {
-    r"^lm_head\.weight$": "tied: equal to model.language_model.embed_tokens.weight (checked before dropping)",
+    r"^lm_head\.weight$": "tied to model.language_model.embed_tokens.weight (see the lm_head line)",
     r"^model\.vision_representation\.head\.": "SigLIP pooling head: computed by the official model, never used",
 }
 # Floating dtypes an official tensor may be stored in (cast to the target dtype when converting).
@@ -161,29 +161,44 @@ def convert_official_state_dict(
             dropped.append(key)
             continue
         converted[new_key] = convert_official_tensor(new_key, tensor)
-    check_tied_embeddings(state_dict.get("lm_head.weight"), state_dict.get(EMBEDDING_KEY))
+    check_tied_embeddings(state_dict.get("lm_head.weight"), state_dict.get(EMBEDDING_KEY), official_ties=True)
     return converted, dropped
 
 
-def check_tied_embeddings(head: torch.Tensor | None, embedding: torch.Tensor | None) -> str:
-    """Cheers ties lm_head to the token embedding: a stored lm_head must equal it bit for bit. Returns a summary."""
+def check_tied_embeddings(
+    head: torch.Tensor | None, embedding: torch.Tensor | None, official_ties: bool = True
+) -> str:
+    """Decide what happens to a stored lm_head, as the official model would; returns a summary for the report.
+
+    Cheers ties lm_head to the token embedding. A stored lm_head equal to the embedding is dropped. When the
+    official config ties them (`text_config.tie_word_embeddings: true`, as released), transformers overwrites the
+    stored head with the embedding when it loads the official model, so a differing copy is dropped too, and the
+    report says so. If the official config does not tie them and the two differ, the official model would use its own
+    head, which this tied model cannot reproduce: that is an error.
+    """
     if head is None:
         return "absent from the checkpoint; tied to model.language_model.embed_tokens.weight"
     if embedding is None:
         return "present, but the checkpoint has no token embedding to compare it with"  # reported as missing
-    if head.shape != embedding.shape or head.dtype != embedding.dtype or not torch.equal(head, embedding):
-        difference = (
-            f"max abs diff {(head.float() - embedding.float()).abs().max().item():.3g}"
-            if head.shape == embedding.shape
-            else f"shapes {tuple(head.shape)} vs {tuple(embedding.shape)}"
+    if head.shape == embedding.shape and head.dtype == embedding.dtype and torch.equal(head, embedding):
+        return (
+            f"equal to model.language_model.embed_tokens.weight bit for bit ({tuple(head.shape)}, "
+            f"{str(head.dtype).removeprefix('torch.')}): tied, not stored"
         )
-        raise OfficialCheckpointError(
-            f"lm_head.weight differs from the token embedding ({difference}), but Cheers ties them; this checkpoint "
-            "cannot be converted to a tied model without changing its outputs."
+    difference = (
+        f"max abs diff {(head.float() - embedding.float()).abs().max().item():.3g}"
+        if head.shape == embedding.shape
+        else f"shapes {tuple(head.shape)} vs {tuple(embedding.shape)}"
+    )
+    if official_ties and head.shape == embedding.shape:
+        return (
+            f"DIFFERS from model.language_model.embed_tokens.weight ({difference}), but the official config ties "
+            "them, so the official model replaces it with the embedding when it loads: dropped, tied"
         )
-    return (
-        f"equal to model.language_model.embed_tokens.weight bit for bit ({tuple(head.shape)}, "
-        f"{str(head.dtype).removeprefix('torch.')}): tied, not stored"
+    raise OfficialCheckpointError(
+        f"lm_head.weight differs from the token embedding ({difference}), and the official config does not tie "
+        "them (text_config.tie_word_embeddings is false), but Cheers ties them; this checkpoint cannot be converted "
+        "to a tied model without changing its outputs."
     )
 
 
@@ -392,7 +407,11 @@ def convert_official_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise OfficialCheckpointError(f"{folder} is not a folder.")
-    config = config_from_official(read_official_config(folder), **config_overrides)
+    official = read_official_config(folder)
+    config = config_from_official(official, **config_overrides)
+    official_ties = bool(
+        official["text_config"].get("tie_word_embeddings", OFFICIAL_TEXT_DEFAULTS["tie_word_embeddings"])
+    )
     located = official_tensor_index(folder)
     specs = native_tensor_specs(config, dtype)
     num_up_blocks = len(config.vae_config["block_out_channels"])
@@ -424,7 +443,7 @@ def convert_official_folder(
     if missing:
         shown = missing if len(missing) <= 5 else [*missing[:5], f"... {len(missing) - 5} more"]
         raise OfficialCheckpointError(f"Checkpoint does not match the model: missing {shown}")
-    result.lm_head = check_tied_embeddings(head, embedding)
+    result.lm_head = check_tied_embeddings(head, embedding, official_ties)
     # the model's own order, so the output (and its sharding) does not depend on how the input was sharded
     result.state_dict = {key: result.state_dict[key] for key in specs}
     return result
