@@ -5,6 +5,7 @@
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -85,8 +86,15 @@ class ConversionReport:
         if self.verification is None:
             lines.append("  verification: skipped (--no-verify)")
         else:
-            numbers = ", ".join(f"{name} max abs diff {value:.3g}" for name, value in self.verification.items())
-            lines.append(f"  verification ({self.dtype}, converted folder vs unconverted weights): {numbers}: OK")
+            numbers = ", ".join(
+                f"{name} max abs diff {value:.3g}"
+                for name, value in self.verification.items()
+                if name != "tensors identical"
+            )
+            lines.append(
+                f"  verification ({self.dtype}, converted folder vs unconverted weights): "
+                f"{self.verification.get('tensors identical', 0)} tensors bit-identical, {numbers}: OK"
+            )
         if self.pipeline_dir is not None:
             numbers = ", ".join(f"{k} {v:.3g}" for k, v in (self.pipeline_verification or {}).items())
             lines.append(f"  diffusers pipeline: {self.pipeline_dir}" + (f" ({numbers})" if numbers else ""))
@@ -406,15 +414,48 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def tensor_fingerprints(model) -> dict[str, tuple]:
+    """{name: (dtype, shape, sha256 of the bytes)} of every tensor of the state dict (tied lm_head included).
+
+    Counters (BatchNorm's num_batches_tracked) are compared by value: from_pretrained loads them as float32
+    together with the rest of the `_keep_in_fp32_modules_strict` BatchNorm, the file stores them as int64.
+    Non-persistent buffers (RoPE tables) are computed from the config, not loaded, and are covered by the outputs.
+    """
+    result = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        tensor = tensor.detach().cpu().contiguous()
+        if name.endswith("num_batches_tracked") or not tensor.is_floating_point():
+            result[name] = ("counter", tuple(tensor.shape), tuple(tensor.reshape(-1).long().tolist()))
+        else:
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+            result[name] = (str(tensor.dtype), tuple(tensor.shape), hashlib.sha256(data.tobytes()).hexdigest())
+    return result
+
+
 def verify_against_official(folder: Path, input_dir: Path, dtype: torch.dtype, atol: float = 0.0) -> dict[str, float]:
-    """Load the converted folder and the unconverted weights in `dtype`; their logits and velocity must agree."""
+    """Load the converted folder and the unconverted weights in `dtype`; they must be the same model.
+
+    Every tensor of the state dict (tied lm_head and BatchNorm statistics included) must be bit-identical, and the
+    logits of a small prompt with an image and one velocity step after it must agree (max abs diff <= atol).
+    The models are loaded one after the other, so only one is in memory at a time.
+    """
     from .modeling_cheers import CheersForConditionalGeneration
 
     converted = CheersForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     inputs = verification_inputs(converted.config)
-    ours = logits_and_velocity(converted, inputs)
+    ours, our_tensors = logits_and_velocity(converted, inputs), tensor_fingerprints(converted)
     del converted
-    theirs = logits_and_velocity(load_official_checkpoint(input_dir, dtype), inputs)
+    official = load_official_checkpoint(input_dir, dtype)
+    theirs, their_tensors = logits_and_velocity(official, inputs), tensor_fingerprints(official)
+    del official
+    differing = sorted(
+        name for name in our_tensors.keys() | their_tensors.keys() if our_tensors.get(name) != their_tensors.get(name)
+    )
+    if differing:
+        raise VerificationError(
+            f"The converted folder loads {len(differing)} tensor(s) that differ from the unconverted weights (value, "
+            f"dtype or presence), e.g. {differing[:5]}. Nothing was written."
+        )
     result = {"logits": max_abs_diff(ours[0], theirs[0]), "velocity": max_abs_diff(ours[1], theirs[1])}
     bad = {name: value for name, value in result.items() if not value <= atol}  # NaN fails too
     if bad or not all(torch.isfinite(tensor).all() for tensor in (*ours, *theirs)):
@@ -422,7 +463,7 @@ def verify_against_official(folder: Path, input_dir: Path, dtype: torch.dtype, a
             f"The converted folder does not reproduce the unconverted weights: max abs diff {result} (allowed "
             f"{atol}), or non-finite outputs. Nothing was written."
         )
-    return result
+    return {"tensors identical": len(our_tensors), **result}
 
 
 # The pipeline folder's model_index.json names classes in code files that travel with it, so that
@@ -434,7 +475,7 @@ PIPELINE_INDEX = {
     "processor": ["processing_cheers", "CheersProcessor"],
     "scheduler": ["scheduling_cheers", "CheersFlowMatchScheduler"],
 }
-PIPELINE_CHECK_STEPS = 2
+PIPELINE_CHECK_STEPS = 1
 
 
 def write_pipeline_folder(model_dir: Path, pipeline_dir: Path, dtype: torch.dtype, verify: bool) -> dict[str, float]:
@@ -444,7 +485,7 @@ def write_pipeline_folder(model_dir: Path, pipeline_dir: Path, dtype: torch.dtyp
     copied), processor/ (processor, tokenizer, chat template, code), scheduler/ (official sampler settings, code),
     the pipeline code at the top and model_index.json pointing at those code files. With `verify`, the folder is
     loaded with `DiffusionPipeline.from_pretrained(pipeline_dir, trust_remote_code=True)` and must give the same
-    latents and image as `CheersPipeline` built from `model_dir`, for a fixed seed. Returns those max abs diffs.
+    image as `CheersPipeline` built from `model_dir` (fixed seed, one step at a small size). Returns the max abs diff.
     """
     import diffusers
 
@@ -489,7 +530,8 @@ def verify_pipeline_folder(model_dir: Path, pipeline_dir: Path, dtype: torch.dty
 
     def run(pipe) -> dict[str, torch.Tensor]:
         pipe.set_progress_bar_config(disable=True)
-        kwargs = {"num_inference_steps": PIPELINE_CHECK_STEPS, "output_type": "pt"}
+        side = 2 * pipe.model.config.image_size_multiple  # small: an identity check, not a quality check
+        kwargs = {"num_inference_steps": PIPELINE_CHECK_STEPS, "output_type": "pt", "height": side, "width": side}
         return pipe("A red apple on a wooden table.", generator=torch.manual_seed(0), **kwargs).images.float()
 
     native = CheersPipeline(
