@@ -34,7 +34,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+    set_seed,
+)
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -226,7 +232,8 @@ def main(argv=None) -> list[dict]:
     scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps * accelerator.num_processes)
     model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
 
-    if not args.full:  # checkpoints hold the LoRA weights only, not a copy of the frozen base model
+    is_fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if not args.full and not is_fsdp:  # checkpoints hold the LoRA weights only, not a copy of the frozen base model
 
         def save_hook(models, weights, folder):
             if accelerator.is_main_process:
@@ -313,9 +320,10 @@ def main(argv=None) -> list[dict]:
     unwrapped = accelerator.unwrap_model(model)
     if args.save_rank_state:
         save_file(trainable_state(unwrapped), output_dir / f"rank{accelerator.process_index}_trainable.safetensors")
+    state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank takes part
     if accelerator.is_main_process:
         final = output_dir / "final"
-        unwrapped.save_pretrained(final, state_dict=accelerator.get_state_dict(model) if args.full else None)
+        unwrapped.save_pretrained(final, state_dict=state_dict)  # LoRA: PEFT keeps the adapter weights only
         if args.full:
             processor.save_pretrained(final)
     accelerator.end_training()
