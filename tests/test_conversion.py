@@ -648,26 +648,38 @@ def test_failure_while_writing_shards_leaves_nothing_and_keeps_the_previous_outp
     assert [path.name for path in previous.iterdir()] == ["config.json"]
 
 
-def test_verification_mismatch_exits_3_and_writes_nothing(golden, tmp_path, capsys, monkeypatch):
-    """If the converted folder computed anything else than the unconverted weights, the conversion fails.
-
-    (The real comparison runs in the `converted` fixture; here the unconverted side's velocity is made to differ.)
-    """
+@pytest.mark.parametrize("broken", ["weights", "outputs"])
+def test_verification_mismatch_exits_3_and_writes_nothing(golden, tmp_path, capsys, monkeypatch, broken):
+    """If the converted folder loads other tensors, or computes other numbers, than the unconverted weights, the
+    conversion fails. (The real comparison runs in the `converted` fixture; the forwards are faked here for speed.)"""
     import transformers_cheers.conversion as conversion
 
     calls = []
 
     def outputs(model, inputs):
         calls.append(type(model).__name__)
-        velocity = torch.zeros(1, 4) if len(calls) == 1 else torch.full((1, 4), 0.01)
-        return torch.zeros(1, 3), velocity
+        differs = broken == "outputs" and len(calls) == 2
+        return torch.zeros(1, 3), torch.full((1, 4), 0.5 if differs else 0.0)
+
+    original = conversion.load_official_checkpoint
+
+    def official(folder, dtype):
+        model = original(folder, dtype)
+        if broken == "weights":
+            with torch.no_grad():
+                model.model.detail_head.final_layer.proj_out.bias[0] += 1
+        return model
 
     monkeypatch.setattr(conversion, "logits_and_velocity", outputs)
+    monkeypatch.setattr(conversion, "load_official_checkpoint", official)
     code, err = run_cli(capsys, "--input", golden.checkpoint, "--output", tmp_path / "native", "--quiet")
     assert code == 3, err
-    assert re.search(
-        r"does not reproduce the unconverted weights: max abs diff \{'logits': 0\.0, 'velocity': [0-9.e-]+", err
-    )
+    if broken == "weights":
+        assert "loads 1 tensor(s) that differ from the unconverted weights (value, dtype or presence), e.g. " in err
+        assert "model.detail_head.final_layer.proj_out.bias" in err and calls == ["CheersForConditionalGeneration"]
+    else:
+        assert "does not reproduce the unconverted weights: max abs diff {'logits': 0.0, 'velocity': 0.5}" in err
+        assert calls == ["CheersForConditionalGeneration"] * 2
     assert left_behind(tmp_path) == []
 
 

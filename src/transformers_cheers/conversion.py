@@ -446,8 +446,7 @@ def verify_against_official(folder: Path, input_dir: Path, dtype: torch.dtype, a
     ours, our_tensors = logits_and_velocity(converted, inputs), tensor_fingerprints(converted)
     del converted
     official = load_official_checkpoint(input_dir, dtype)
-    theirs, their_tensors = logits_and_velocity(official, inputs), tensor_fingerprints(official)
-    del official
+    their_tensors = tensor_fingerprints(official)
     differing = sorted(
         name for name in our_tensors.keys() | their_tensors.keys() if our_tensors.get(name) != their_tensors.get(name)
     )
@@ -456,6 +455,8 @@ def verify_against_official(folder: Path, input_dir: Path, dtype: torch.dtype, a
             f"The converted folder loads {len(differing)} tensor(s) that differ from the unconverted weights (value, "
             f"dtype or presence), e.g. {differing[:5]}. Nothing was written."
         )
+    theirs = logits_and_velocity(official, inputs)
+    del official
     result = {"logits": max_abs_diff(ours[0], theirs[0]), "velocity": max_abs_diff(ours[1], theirs[1])}
     bad = {name: value for name, value in result.items() if not value <= atol}  # NaN fails too
     if bad or not all(torch.isfinite(tensor).all() for tensor in (*ours, *theirs)):
