@@ -397,17 +397,22 @@ def test_device_map_auto_on_cpu_and_with_disk_offload(converted, reference, tmp_
 
 @pytest.mark.xfail(
     reason="ConvolutionalVAEAttnProcessor (official_vae_kernels) reads to_q/to_k/to_v/to_out weights directly, so "
-    "accelerate's offload hooks never load them when the decoder projector is offloaded (modeling_cheers.py)",
+    "accelerate's offload hooks never load them when the decoder projector is offloaded (modeling_cheers.py); "
+    "with official_vae_kernels=False the same device map gives identical outputs",
+    raises=AssertionError,
     strict=False,
 )
 def test_disk_offload_of_the_decoder_projector(converted, reference, tmp_path):
     folder, _ = converted
     reference, inputs, expected = reference
-    budget = module_sizes(reference)["model.vae"] + 1_000_000
+    sizes = module_sizes(reference)
+    # room for the VAE, plus the largest unit accelerate reserves for loading offloaded weights
+    budget = sizes["model.vae"] + sizes["model.language_model"] + 2_000_000
     offloaded = CheersForConditionalGeneration.from_pretrained(
         folder, dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": budget}, offload_folder=tmp_path / "off"
     )
-    assert offloaded.hf_device_map["model.vae_decoder_projector"] == "disk"
+    device_map = offloaded.hf_device_map
+    assert device_map["model.vae"] == "cpu" and device_map["model.vae_decoder_projector"] == "disk", device_map
     result = logits_and_velocity(offloaded, inputs)
     assert max_abs_diff(result[0], expected[0]) == 0 and max_abs_diff(result[1], expected[1]) == 0
 
