@@ -404,7 +404,7 @@ def test_device_map_auto_on_cpu_and_with_disk_offload(converted, reference, tmp_
 )
 def test_disk_offload_of_the_decoder_projector(converted, reference, tmp_path):
     folder, _ = converted
-    reference, inputs, expected = reference
+    reference = reference[0]
     sizes = module_sizes(reference)
     # room for the VAE, plus the largest unit accelerate reserves for loading offloaded weights
     budget = sizes["model.vae"] + sizes["model.language_model"] + 2_000_000
@@ -413,8 +413,11 @@ def test_disk_offload_of_the_decoder_projector(converted, reference, tmp_path):
     )
     device_map = offloaded.hf_device_map
     assert device_map["model.vae"] == "cpu" and device_map["model.vae_decoder_projector"] == "disk", device_map
-    result = logits_and_velocity(offloaded, inputs)
-    assert max_abs_diff(result[0], expected[0]) == 0 and max_abs_diff(result[1], expected[1]) == 0
+    latents = torch.randn(1, reference.config.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the offloaded module alone: the same code path as in the vision tokenizer, but cheap
+        pixels = offloaded.model.vae_decoder_projector(latents.to(torch.bfloat16))
+        expected_pixels = reference.model.vae_decoder_projector(latents.to(torch.bfloat16))
+    assert max_abs_diff(pixels, expected_pixels) == 0
 
 
 # --------------------------------------------------------------------------------------------------------------------

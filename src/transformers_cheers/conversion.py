@@ -238,15 +238,18 @@ def check_shard_size(max_shard_size) -> None:
 
 @contextlib.contextmanager
 def progress_bars(enabled: bool):
-    """Progress bars of transformers (shard writing, loading) on or off for the block, restored afterwards."""
+    """Progress bars of transformers and diffusers (shard writing, loading) on or off for the block, then restored."""
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    (transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar)()
+    states = [(module, module.is_progress_bar_enabled()) for module in (transformers_logging, diffusers_logging)]
+    for module, _ in states:
+        (module.enable_progress_bar if enabled else module.disable_progress_bar)()
     try:
         yield
     finally:
-        (transformers_logging.enable_progress_bar if was_enabled else transformers_logging.disable_progress_bar)()
+        for module, was_enabled in states:
+            (module.enable_progress_bar if was_enabled else module.disable_progress_bar)()
 
 
 @contextlib.contextmanager
