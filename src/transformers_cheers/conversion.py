@@ -678,13 +678,17 @@ pipe = DiffusionPipeline.from_pretrained("{pipeline_repo}", trust_remote_code=Tr
 ## Fine-tuning with LoRA (PEFT)
 
 ```python
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
+from transformers_cheers.lora import apply_lora  # presets: "llm", "llm_heads", "heads"
 
-# the language model's attention projections (a regex on module names)
-config = LoraConfig(r=16, lora_alpha=32, target_modules=r".*language_model.*\\.(q_proj|k_proj|v_proj|o_proj)")
-model = get_peft_model(model, config)   # train, then model.save_pretrained("cheers-lora")
-# later: model = PeftModel.from_pretrained(CheersForConditionalGeneration.from_pretrained("{repo_id}"), "cheers-lora")
+model = apply_lora(model, "llm_heads", r=16)   # LLM + flow heads; SigLIP and the VAE stay frozen
+# ... train (see examples/train_lora.py), then model.save_pretrained("cheers-lora")
+tuned = PeftModel.from_pretrained(CheersForConditionalGeneration.from_pretrained("{repo_id}"), "cheers-lora")
+merged = tuned.merge_and_unload()
 ```
+
+Without the package, any `peft.LoraConfig` works on the remote-code model, e.g.
+`LoraConfig(r=16, target_modules=r".*language_model.*\\.(q_proj|k_proj|v_proj|o_proj)")`.
 
 ## License and citation
 
