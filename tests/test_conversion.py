@@ -380,7 +380,7 @@ def test_device_map_auto_on_cpu_and_with_disk_offload(converted, reference, tmp_
     assert tensor_fingerprints(on_cpu) == tensor_fingerprints(reference)  # no hooks on CPU: same model, same outputs
 
     # A CPU budget a little under the model's size: the last modules (flow heads) are offloaded to disk, block by
-    # block, never inside a _no_split_modules unit. (The VAE side must stay on the CPU: see the xfail below.)
+    # block, never inside a _no_split_modules unit. (The VAE side is offloaded in the test below.)
     sizes = module_sizes(reference)
     budget = sizes[""] - sizes["model.detail_head"] - sizes["model.semantic_head"] // 2
     offloaded = CheersForConditionalGeneration.from_pretrained(
@@ -395,13 +395,6 @@ def test_device_map_auto_on_cpu_and_with_disk_offload(converted, reference, tmp_
     assert max_abs_diff(result[0], expected[0]) == 0 and max_abs_diff(result[1], expected[1]) == 0
 
 
-@pytest.mark.xfail(
-    reason="ConvolutionalVAEAttnProcessor (official_vae_kernels) reads to_q/to_k/to_v/to_out weights directly, so "
-    "accelerate's offload hooks never load them when the decoder projector is offloaded (modeling_cheers.py); "
-    "with official_vae_kernels=False the same device map gives identical outputs",
-    raises=AssertionError,
-    strict=False,
-)
 def test_disk_offload_of_the_decoder_projector(converted, reference, tmp_path):
     folder, _ = converted
     reference = reference[0]

@@ -388,25 +388,31 @@ class ProductSiLU(nn.Module):
         return x * torch.sigmoid(x)
 
 
-class ConvolutionalVAEAttnProcessor:
-    """diffusers attention processor for the VAE's single-head spatial attention, computed like the FLUX.2 code.
+class PointwiseConvolution(nn.Linear):
+    """A diffusers attention projection applied as a 1x1 convolution to an (N, C, H, W) map, as the FLUX.2 code does.
 
-    The weights stay diffusers' linear projections; they are applied as 1x1 convolutions on the (N, C, H, W) map,
-    which is how the official model computes them and what its bf16 numbers depend on.
+    Same weights and names as the `nn.Linear` it replaces; being a module call, offload hooks still fire.
     """
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(feature_map, self.weight[:, :, None, None], self.bias)
+
+
+class ConvolutionalVAEAttnProcessor:
+    """diffusers attention processor for the VAE's single-head spatial attention, computed like the FLUX.2 code
+    (projections as 1x1 convolutions on the feature map, which the official bf16 numbers depend on)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         batch, channels, height, width = hidden_states.shape
         normed = attn.group_norm(hidden_states)
 
-        def project(linear):
-            projected = F.conv2d(normed, linear.weight[:, :, None, None], linear.bias)
-            return projected.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()  # (N, 1, H*W, C)
+        def tokens(feature_map):  # (N, C, H, W) -> (N, 1, H*W, C)
+            return feature_map.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
 
-        attended = F.scaled_dot_product_attention(project(attn.to_q), project(attn.to_k), project(attn.to_v))
+        query, key, value = (tokens(projection(normed)) for projection in (attn.to_q, attn.to_k, attn.to_v))
+        attended = F.scaled_dot_product_attention(query, key, value)
         attended = attended.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
-        output = attn.to_out[0]
-        return hidden_states + F.conv2d(attended, output.weight[:, :, None, None], output.bias)
+        return hidden_states + attn.to_out[0](attended)
 
 
 def use_official_vae_kernels(module: nn.Module) -> None:
@@ -416,6 +422,8 @@ def use_official_vae_kernels(module: nn.Module) -> None:
             if isinstance(child, nn.SiLU):
                 setattr(parent, name, ProductSiLU())
         if hasattr(parent, "set_processor") and getattr(parent, "group_norm", None) is not None:
+            for projection in (parent.to_q, parent.to_k, parent.to_v, parent.to_out[0]):
+                projection.__class__ = PointwiseConvolution
             parent.set_processor(ConvolutionalVAEAttnProcessor())
 
 
