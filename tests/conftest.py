@@ -107,3 +107,13 @@ def expand_official_ids(input_ids, attention_mask, tokens_per_image: int, image_
         mask += [attend] * count
         context_mask += [False] * count
     return torch.tensor([ids]), torch.tensor([mask]), torch.tensor([context_mask])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model runs thousands of tiny ops per step: with two intra-op threads on a busy 2-core machine every
+    op waits for a descheduled thread (runs got 5-25x slower), with one it does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,7 +1,6 @@
 """Interleaved text + image generation, sharing the pipeline's sampler (official generate's T2I behaviour)."""
 
 import pytest
-import torch
 from conftest import assert_close_rel_l2, tolerance_for
 
 from transformers_cheers import CheersFlowMatchScheduler, CheersProcessor

@@ -19,14 +19,7 @@ EXPECTED_PARTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model runs thousands of tiny ops per step: with two intra-op threads on a busy 2-core machine every
-    op waits for a descheduled thread (runs got 5-25x slower), with one it does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

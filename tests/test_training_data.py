@@ -21,14 +21,7 @@ UND = {"from": "human", "value": "<im_start><image><im_end>\nWhat colour is this
 GEN = {"from": "gpt", "value": "<im_start><image_gen><im_end>"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model runs thousands of tiny ops per step: with two intra-op threads on a busy 2-core machine every
-    op waits for a descheduled thread (runs got 5-25x slower), with one it does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
