@@ -35,19 +35,13 @@ def child(settings: dict) -> dict:
     from transformers_cheers.data import CheersTrainingCollator, load_conversation_dataset, make_synthetic_dataset
     from transformers_cheers.lora import apply_lora, set_trainable_stage
     from transformers_cheers.presets import PRESETS, preset_config
-    from transformers_cheers.tiny import tiny_processor
+    from transformers_cheers.tiny import special_token_ids, tiny_processor
 
     torch.manual_seed(0)
     processor = tiny_processor()  # byte-level tokenizer; the config takes its special-token ids
     resolution = PRESETS[settings["preset"]].get("vision_config", {}).get("image_size", 512)
     processor.image_processor.resolution = resolution
-    ids = {
-        "image_token_id": processor.image_token_id,
-        "image_gen_token_id": processor.image_gen_token_id,
-        "image_start_token_id": processor.image_start_token_id,
-        "image_end_token_id": processor.image_end_token_id,
-        "null_token_id": processor.null_token_id,
-    }
+    ids = special_token_ids(processor)
     device = torch.device(settings["device"])
     dtype = getattr(torch, settings["dtype"])
     model = CheersForConditionalGeneration(preset_config(settings["preset"], **ids)).to(device=device, dtype=dtype)

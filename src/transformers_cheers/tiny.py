@@ -32,10 +32,9 @@ def tiny_processor() -> CheersProcessor:
     return CheersProcessor(CheersImageProcessor(resolution=resolution), tiny_tokenizer())
 
 
-def tiny_cheers(seed: int = 0) -> tuple[CheersForConditionalGeneration, CheersProcessor]:
-    """(model, processor): a randomly initialised tiny Cheers whose token ids match the tiny tokenizer."""
-    processor = tiny_processor()
-    ids = {
+def special_token_ids(processor: CheersProcessor) -> dict[str, int]:
+    """The CheersConfig token-id fields, read from a processor's tokenizer."""
+    return {
         "image_token_id": processor.image_token_id,
         "image_gen_token_id": processor.image_gen_token_id,
         "image_start_token_id": processor.image_start_token_id,
@@ -44,6 +43,12 @@ def tiny_cheers(seed: int = 0) -> tuple[CheersForConditionalGeneration, CheersPr
         "eos_token_id": processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
         "pad_token_id": processor.tokenizer.pad_token_id,
     }
+
+
+def tiny_cheers(seed: int = 0) -> tuple[CheersForConditionalGeneration, CheersProcessor]:
+    """(model, processor): a randomly initialised tiny Cheers whose token ids match the tiny tokenizer."""
+    processor = tiny_processor()
+    ids = special_token_ids(processor)
     text_config = {**PRESETS["tiny"]["text_config"], "vocab_size": len(processor.tokenizer)}
     torch.manual_seed(seed)
     model = CheersForConditionalGeneration(preset_config("tiny", text_config=text_config, **ids))
@@ -61,4 +66,4 @@ def randomize_zero_initialised(model, std: float = 0.02) -> None:
             parameter.normal_(0.0, std)
 
 
-__all__ = ["tiny_cheers", "tiny_processor", "tiny_tokenizer"]
+__all__ = ["special_token_ids", "tiny_cheers", "tiny_processor", "tiny_tokenizer"]
