@@ -13,6 +13,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from transformers_cheers import CheersConfig, CheersForConditionalGeneration, CheersModel
+from transformers_cheers.modeling_cheers import image_block_ids
 from transformers_cheers.presets import preset_config
 
 
@@ -93,7 +94,7 @@ def test_image_blocks_are_bidirectional_and_text_causal(tiny):
     model = tiny.model
     ids = torch.tensor([image_prompt(tiny.config, prefix=(11,), suffix=(21,))])
     embeds = model.get_input_embeddings()(ids)
-    blocks = model.image_block_ids(model.get_placeholder_mask(ids), None)
+    blocks = image_block_ids(model.get_placeholder_mask(ids), tiny.config.num_image_tokens)
     positions = torch.arange(ids.shape[1])[None]
     with torch.no_grad():
         mask = model.build_attention_mask(embeds, torch.ones_like(ids), None, positions, blocks)["full_attention"]
@@ -101,6 +102,22 @@ def test_image_blocks_are_bidirectional_and_text_causal(tiny):
     length, image = ids.shape[1], ids[0] == IMAGE
     expected = torch.tril(torch.ones(length, length, dtype=torch.bool)) | (image[:, None] & image[None, :])
     assert torch.equal(mask, expected)
+
+
+def test_adjacent_images_are_separate_blocks(tiny):
+    """Two images with no text between them: each attends bidirectionally to itself only (causally to the other)."""
+    tokens = tiny.config.num_image_tokens
+    ids = torch.tensor([[11] + [IMAGE] * (2 * tokens) + [21]])
+    blocks = image_block_ids(tiny.model.get_placeholder_mask(ids), tokens)
+    assert blocks[0].tolist() == [-1] + [0] * tokens + [1] * tokens + [-1]
+    positions = torch.arange(ids.shape[1])[None]
+    embeds = tiny.model.get_input_embeddings()(ids)
+    mask = tiny.model.build_attention_mask(embeds, torch.ones_like(ids), None, positions, blocks)["full_attention"]
+    mask = mask[0, 0].bool() if mask.dtype == torch.bool else (mask[0, 0] == 0)
+    first, second = 1, 1 + tokens
+    assert bool(mask[first, first + tokens - 1])  # inside the first image: bidirectional
+    assert not bool(mask[first, second])  # the first image does not see the second one
+    assert bool(mask[second, first])  # the second sees the first causally
 
 
 @pytest.mark.parametrize("case", ["case2_understanding", "case3_text_only"])
@@ -112,7 +129,7 @@ def test_omni_mask_equals_official_mask(golden, golden_models, case):
         inputs["inputs/input_ids"][0], inputs["inputs/attention_mask"][0], 16, model.config.image_token_id, context
     )
     core = model.model
-    blocks = core.image_block_ids(core.get_placeholder_mask(ids), context_mask)
+    blocks = image_block_ids(core.get_placeholder_mask(ids) & ~context_mask, 16)
     embeds = core.get_input_embeddings()(ids)
     positions = torch.arange(ids.shape[1])[None]
     mask = core.build_attention_mask(embeds, attention, None, positions, blocks)["full_attention"]

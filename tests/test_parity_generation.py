@@ -34,7 +34,10 @@ def test_velocity_matches_official_drift(golden, golden_models, case, precision)
         prompt_length = cache.get_seq_length()
         velocities, gates = [], []
         for x_t, t in zip(expected["steps/x_t"], expected["steps/t"]):
-            output = model.compute_velocity(x_t.to(PRECISIONS[precision]), t, cache, batch["attention_mask"])
+            num_branches = batch["input_ids"].shape[0]  # one image, [conditional; unconditional] prompts
+            output = model.compute_velocity(
+                x_t.to(PRECISIONS[precision]), t, cache, batch["attention_mask"], num_branches=num_branches
+            )
             assert cache.get_seq_length() == prompt_length  # the prompt cache is neither grown nor cropped
             velocities.append(output.velocity)
             gates.append(output.detail_gate[0])
@@ -52,10 +55,10 @@ def test_first_step_intermediates_match_official(golden, golden_models, precisio
     model = golden_models(precision).model
     expected = golden.outputs(case, precision)
     with torch.no_grad():
-        tokens = model.tokenize_latents(expected["steps/x_t"][0].to(PRECISIONS[precision]))
+        tokens = model.get_latent_features(expected["steps/x_t"][0].to(PRECISIONS[precision]))
     for name, value in (
         ("step0_cond/vae_decoder_projector", tokens.decoded_pixels),
-        ("step0_cond/siglip", tokens.vision_last_hidden_state),
-        ("step0_cond/und_projector", tokens.image_features),
+        ("step0_cond/siglip", tokens.last_hidden_state),
+        ("step0_cond/und_projector", tokens.pooler_output),
     ):
         assert_close_rel_l2(value, expected[name], tolerance_for(golden, case, name, precision), name)

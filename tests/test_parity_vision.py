@@ -10,15 +10,15 @@ from safetensors.torch import load_file
 
 from transformers_cheers.modeling_cheers import patchify_latents
 from transformers_cheers.official_checkpoint import convert_official_state_dict, vae_configs_from_official
+from transformers_cheers.training import flow_matching_path
 
 
 CASE1 = "case1_vision_tokenizer"
-STAGES = {
-    "latent": "latents",
-    "xt": "noisy_latents",
+STAGES = {  # official name -> our CheersImageOutput field
+    "xt": "latents",
     "image_pixel_hat": "decoded_pixels",
-    "siglip_last_hidden_state": "vision_last_hidden_state",
-    "und_projector_out": "image_features",
+    "siglip_last_hidden_state": "last_hidden_state",
+    "und_projector_out": "pooler_output",
 }
 
 
@@ -29,15 +29,28 @@ def test_vision_tokenizer_matches_official(golden, golden_models, precision, run
     inputs, expected = golden.inputs(CASE1), golden.outputs(CASE1, precision)
     noise = expected[f"{run}/x0"].to(PRECISIONS[precision])
     with torch.no_grad():
-        outputs = model.model.get_image_features(inputs["pixel_values"], timesteps=torch.tensor([t]), noise=noise)
+        latents = model.model.encode_latents(inputs["pixel_values"])
+        path = flow_matching_path(latents, timesteps=torch.tensor([t]), noise=noise)
+        outputs = model.model.get_latent_features(path.noisy_latents)
+    name = f"{run}/latent"
+    assert_close_rel_l2(latents, expected[name], tolerance_for(golden, CASE1, name, precision), name)
     for official_name, our_name in STAGES.items():
         name = f"{run}/{official_name}"
         assert_close_rel_l2(
             getattr(outputs, our_name), expected[name], tolerance_for(golden, CASE1, name, precision), name
         )
-    targets = outputs.velocity_targets.flatten(2).transpose(1, 2)  # (N, tokens, channels) as recorded
+    targets = path.velocity_targets.flatten(2).transpose(1, 2)  # (N, tokens, channels) as recorded
     name = f"{run}/image_target"
     assert_close_rel_l2(targets, expected[name], tolerance_for(golden, CASE1, name, precision), name)
+
+
+def test_clean_image_features_are_the_t1_path(golden, golden_models):
+    """get_image_features (understanding) is the vision tokenizer on the clean latents: the t = 1 fixture."""
+    model = golden_models("fp32")
+    inputs, expected = golden.inputs(CASE1), golden.outputs(CASE1, "fp32")
+    with torch.no_grad():
+        outputs = model.get_image_features(inputs["pixel_values"])
+    assert_close_rel_l2(outputs.pooler_output, expected["t1/und_projector_out"], 1e-4, "pooler_output")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

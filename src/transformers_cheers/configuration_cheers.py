@@ -1,3 +1,4 @@
+# Copyright 2026 The transformers-cheers authors. Licensed under the Apache License, Version 2.0.
 """Cheers model configuration."""
 
 from huggingface_hub.dataclasses import strict
@@ -111,9 +112,11 @@ class CheersConfig(PreTrainedConfig):
         Round the RoPE frequency tables (LLM and heads) to the activation dtype before use, as happens in the official
         model (trained and evaluated after a blanket `.to(torch.bfloat16)`, which rounds the `inv_freq` buffers).
         Without it bf16 logits drift from the official ones at long positions.
-    official_vae_kernels (`bool`, *optional*, defaults to `True`):
-        Compute the VAE's SiLU as `x * sigmoid(x)` and its spatial attention with 1x1 convolutions, as the official
-        FLUX.2 autoencoder code does (same weights). diffusers' fused kernels are ~1e-2 (relative) off in bf16.
+    vae_unfused_kernels (`bool`, *optional*, defaults to `True`):
+        Compute the VAE's SiLU as `x * sigmoid(x)` and its attention projections as 1x1 convolutions (same weights,
+        diffusers' attention processors kept; see `vae_numerics.py`). Bit-parity only: this is how the official
+        FLUX.2 autoencoder code rounds in bf16, ~1e-2 (relative) away from diffusers' fused kernels. Called
+        `official_vae_kernels` in earlier versions (still accepted).
     image_token_id, image_gen_token_id, image_start_token_id, image_end_token_id, null_token_id (`int`):
         `<image>` (understanding image placeholder), `<image_gen>` (generation-target placeholder used in training),
         `<im_start>`, `<im_end>`, and `<no_mean>` (the null token of classifier-free guidance).
@@ -157,7 +160,7 @@ class CheersConfig(PreTrainedConfig):
     head_rms_norm_eps: float = 1e-6
     projector_layer_norm_eps: float = 1e-5
     round_rope_frequencies_to_compute_dtype: bool = True
-    official_vae_kernels: bool = True
+    vae_unfused_kernels: bool = True
     image_token_id: int = 151665
     image_gen_token_id: int = 151666
     image_start_token_id: int = 151667
@@ -166,8 +169,11 @@ class CheersConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 151645
     pad_token_id: int | None = 151643
     tie_word_embeddings: bool = True
+    use_cache: bool = True
 
     def __post_init__(self, **kwargs):
+        if "official_vae_kernels" in kwargs:  # the name of this switch in configs saved by version 0.1
+            self.vae_unfused_kernels = kwargs.pop("official_vae_kernels")
         # A partial dict (e.g. a tiny test model) keeps the Cheers defaults for everything it does not set;
         # transformers would otherwise fill the gaps with stock Qwen2/SigLIP defaults (rope_theta 1e4!).
         if isinstance(self.text_config, dict):
@@ -176,6 +182,9 @@ class CheersConfig(PreTrainedConfig):
             self.vision_config = _with_defaults(self.vision_config, DEFAULT_VISION_CONFIG)
         super().__post_init__(**kwargs)
         self.vae_config = {**DEFAULT_VAE_CONFIG, **(self.vae_config or {})}
+        num_blocks = len(self.vae_config["block_out_channels"])  # one down/up block per level, whatever the depth
+        self.vae_config.setdefault("down_block_types", ["DownEncoderBlock2D"] * num_blocks)
+        self.vae_config.setdefault("up_block_types", ["UpDecoderBlock2D"] * num_blocks)
         projector = {key: self.vae_config[key] for key in DECODER_PROJECTOR_KEYS}
         self.decoder_projector_config = {**projector, **(self.decoder_projector_config or {})}
         if self.semantic_head_num_attention_heads is None:

@@ -1,3 +1,4 @@
+# Copyright 2026 The transformers-cheers authors. Licensed under the Apache License, Version 2.0.
 """The Cheers training objective, as the official `Cheers.forward(labels=...)` computes it.
 
     loss = text_loss + image_loss
@@ -37,23 +38,24 @@ class CheersTrainingLosses:
 
 
 def check_training_labels(
-    labels: torch.LongTensor, input_ids: torch.LongTensor | None, placeholder_mask: torch.BoolTensor | None
+    labels: torch.LongTensor, placeholder_mask: torch.BoolTensor, placeholder_ids: tuple[int, ...]
 ) -> None:
-    """Labels must have the shape of `input_ids`, and no target at an image token.
+    """Labels must have the shape of the inputs, and no target at an image token.
 
-    An image token's label must be -100, or the placeholder id itself (so `labels = input_ids.clone()` works; those
+    An image token's label must be -100, or a placeholder id itself (so `labels = input_ids.clone()` works; those
     positions are ignored, as the official code ignores the `<image_gen>` id its template leaves there).
     """
     if labels.ndim != 2:
         raise ValueError(f"labels must have shape (batch_size, sequence_length), got {tuple(labels.shape)}.")
-    if input_ids is not None and labels.shape != input_ids.shape:
+    if labels.shape != placeholder_mask.shape:
         raise ValueError(
-            f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} must have the same shape: labels "
-            "are given unshifted, one per input token, with -100 where there is no target."
+            f"labels {tuple(labels.shape)} and the inputs {tuple(placeholder_mask.shape)} must have the same shape: "
+            "labels are given unshifted, one per input token, with -100 where there is no target."
         )
-    if placeholder_mask is None:
-        return
-    bad = placeholder_mask & (labels != IGNORE_INDEX) & (labels != input_ids)
+    allowed = labels == IGNORE_INDEX
+    for token_id in placeholder_ids:
+        allowed = allowed | (labels == token_id)
+    bad = placeholder_mask.to(labels.device) & ~allowed
     if bool(bad.any()):
         row = int(bad.any(-1).nonzero()[0])
         positions = bad[row].nonzero().flatten().tolist()
@@ -63,6 +65,32 @@ def check_training_labels(
             "flow-matching head, never by the language-model head: set their labels to -100 (the training collator "
             "does)."
         )
+
+
+@dataclass
+class FlowMatchingPath:
+    """Points x_t = t * x1 + (1 - t) * x0 on the straight path from noise x0 (t = 0) to the clean latents x1 (t = 1)."""
+
+    noisy_latents: torch.Tensor  # x_t, what the vision tokenizer encodes for the LLM
+    velocity_targets: torch.Tensor  # dx/dt = x1 - x0, zero where t == 1 (a clean image has nothing to denoise)
+
+
+def flow_matching_path(
+    latents: torch.Tensor, timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None
+) -> FlowMatchingPath:
+    """x_t and its velocity target for clean latents x1 `(N, C, h, w)` at times `timesteps` `(N,)` (default 1).
+
+    x_t is computed in the dtype of t and cast to the latents' dtype, as the official training does. The noise is
+    drawn from the global RNG only when some t < 1 and none is given.
+    """
+    if timesteps is None or not bool((timesteps < 1).any()):
+        return FlowMatchingPath(noisy_latents=latents, velocity_targets=torch.zeros_like(latents))
+    if noise is None:
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
+    t = timesteps.to(latents.device).view(-1, 1, 1, 1)
+    noise = noise.to(latents.device, latents.dtype)
+    noisy_latents = (t * latents + (1 - t) * noise).to(latents.dtype)
+    return FlowMatchingPath(noisy_latents, velocity_targets=(latents - noise) * (t < 1).to(latents.dtype))
 
 
 def rewrite_shifted_labels(
@@ -96,23 +124,16 @@ def rewrite_shifted_labels(
     return rewritten
 
 
-def text_cross_entropy(
-    logits: torch.Tensor, text_labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
-) -> torch.Tensor:
+def text_cross_entropy(logits: torch.Tensor, text_labels: torch.LongTensor) -> torch.Tensor:
     """Sum of the per-target cross-entropies (computed in fp32) divided by the number of targets.
 
-    `logits` `(B, L - 1, V)` are aligned with `text_labels` (already shifted). `num_items_in_batch` replaces the
-    divisor, e.g. to normalise over all micro-batches of a gradient-accumulation step.
+    `logits` `(B, L - 1, V)` are aligned with `text_labels` (already shifted).
     """
     valid = text_labels != IGNORE_INDEX
     count = int(valid.sum())
     if count == 0:
         return logits.sum() * 0.0  # keeps the graph connected (no target in this batch)
-    total = F.cross_entropy(logits[valid].float(), text_labels[valid], reduction="sum")
-    divisor = num_items_in_batch if num_items_in_batch is not None else count
-    if isinstance(divisor, torch.Tensor):
-        divisor = divisor.to(total.device)
-    return total / divisor
+    return F.cross_entropy(logits[valid].float(), text_labels[valid], reduction="sum") / count
 
 
 def flow_matching_loss(velocities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -136,47 +157,51 @@ def image_hidden_states(
 
 def compute_training_losses(
     model,
-    hidden_states: torch.Tensor,
+    outputs,
     logits: torch.Tensor,
     labels: torch.LongTensor,
-    placeholder_mask: torch.BoolTensor | None,
-    vision=None,
+    placeholder_mask: torch.BoolTensor,
+    path: FlowMatchingPath | None = None,
     image_timesteps: torch.Tensor | None = None,
     image_loss_mask: torch.BoolTensor | None = None,
-    num_items_in_batch: int | torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> CheersTrainingLosses:
     """The official objective from one forward's outputs.
 
     Args:
         model: the `CheersModel` (its config and `predict_velocity`).
-        hidden_states (`(B, L, D)`): final LLM hidden states; `logits` (`(B, L, V)`) their language-model logits.
+        outputs (`CheersModelOutputWithPast`): the LLM's final hidden states `(B, L, D)` and the vision tokenizer's
+            output for the batch's images (x_t, with their patch embeddings); `logits` `(B, L, V)` their logits.
         labels (`(B, L)`): unshifted targets, -100 where none (see `check_training_labels`).
-        placeholder_mask (`(B, L)`): image-token positions (context images included), or None without images.
-        vision (`CheersVisionTokenizerOutput`, *optional*): the vision tokenizer's output for the batch's images,
-            with `patch_embeddings` and `velocity_targets`.
+        placeholder_mask (`(B, L)`): image-token positions (context images included).
+        path (`FlowMatchingPath`, *optional*): the images' x_t and velocity targets; None without images.
         image_timesteps (`(num_images,)`, *optional*): t of each image (default 1), used as given.
         image_loss_mask (`(num_images,)` bool, *optional*): which images count in the image loss (default all).
         attention_mask (`(B, L)`, *optional*): padding positions are never the source of a text target.
+
+    Gradient accumulation (e.g. transformers' Trainer, which divides each micro-batch loss by the number of steps):
+    both terms are means over their micro-batch, so accumulated steps equal one step on the concatenated batch when
+    the micro-batches hold the same number of text targets and of images.
     """
     config = model.config
+    hidden_states = outputs.last_hidden_state
+    labels = labels.to(hidden_states.device)
     text_labels = rewrite_shifted_labels(labels, config.image_start_token_id, config.image_end_token_id)
     if attention_mask is not None and attention_mask.ndim == 2:
         # a padding position predicts nothing (with left padding it would otherwise "predict" the first token)
         text_labels = text_labels.masked_fill(attention_mask[:, :-1].to(text_labels.device) == 0, IGNORE_INDEX)
-    text_loss = text_cross_entropy(logits[:, :-1], text_labels.to(logits.device), num_items_in_batch)
+    text_loss = text_cross_entropy(logits[:, :-1], text_labels.to(logits.device))
 
     velocities = targets = None
     image_loss = hidden_states.sum() * 0.0  # no image in the batch: a zero that keeps the graph connected
-    if vision is not None and placeholder_mask is not None:
-        num_images = vision.velocity_targets.shape[0]
-        grid = tuple(vision.velocity_targets.shape[-2:])
+    if path is not None:
+        targets = path.velocity_targets
+        num_images, grid = targets.shape[0], tuple(targets.shape[-2:])
         if image_timesteps is None:
             image_timesteps = torch.ones(num_images, device=hidden_states.device)
         image_timesteps = image_timesteps.reshape(-1).to(hidden_states.device)
-        states = image_hidden_states(hidden_states, placeholder_mask, num_images)
-        patch_embeddings = vision.patch_embeddings
-        targets = vision.velocity_targets
+        states = image_hidden_states(hidden_states, placeholder_mask.to(hidden_states.device), num_images)
+        patch_embeddings = outputs.image_outputs.patch_embeddings
         if image_loss_mask is not None:
             image_loss_mask = image_loss_mask.reshape(-1).to(device=hidden_states.device, dtype=torch.bool)
             if image_loss_mask.shape[0] != num_images:
@@ -199,8 +224,10 @@ def compute_training_losses(
 __all__ = [
     "IGNORE_INDEX",
     "CheersTrainingLosses",
+    "FlowMatchingPath",
     "check_training_labels",
     "compute_training_losses",
+    "flow_matching_path",
     "flow_matching_loss",
     "image_hidden_states",
     "rewrite_shifted_labels",
