@@ -1,2 +1,3 @@
-from .pipeline_cheers import CheersPipeline, CheersPipelineOutput, denoise, guided_velocity
+from .pipeline_cheers import CheersPipeline, CheersPipelineOutput
+from .sampling import denoise, guided_velocity
 from .scheduling_cheers import CheersFlowMatchScheduler

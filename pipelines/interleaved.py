@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 from transformers.utils import ModelOutput
 
-from .pipeline_cheers import DEFAULT_GUIDANCE, DEFAULT_STEPS, denoise
+from .pipeline_cheers import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from .sampling import denoise
 from .scheduling_cheers import CheersFlowMatchScheduler
 
 
@@ -48,7 +50,8 @@ def generate_interleaved(
     Guidance (`guidance_scale != 1`) runs a second, unconditional row (the official `<no_mean>` prompt) in the same
     batch; its text tokens are `<no_mean>` too (the official code samples separate tokens for it).
     Text is greedy with `temperature=0`, else sampled from softmax(logits / temperature) with `generator`.
-    `latents` optionally gives the initial noise of the successive images (else drawn with `generator`).
+    `latents` optionally gives the initial noise of the successive images (else drawn with `generator`). One
+    generator serves both draws wherever it lives: text is sampled on its device, image noise drawn there and moved.
     """
     if inputs["input_ids"].shape[0] != 1:
         raise ValueError("generate_interleaved handles one prompt at a time; loop over prompts or use CheersPipeline.")
@@ -71,7 +74,7 @@ def generate_interleaved(
         if pending_image:
             noise = noises.pop(0) if noises else None
             image, mask = sample_image(
-                core, scheduler, cache, mask, size, num_inference_steps, guidance_scale, generator, noise
+                core, scheduler, cache, mask, len(rows), size, num_inference_steps, guidance_scale, generator, noise
             )
             images.append(image)
             token, pending_image = config.image_end_token_id, False
@@ -85,15 +88,19 @@ def generate_interleaved(
     return InterleavedOutput(sequences=torch.tensor([generated]), image_latents=images)
 
 
-def sample_image(core, scheduler, cache, mask, size, num_inference_steps, guidance_scale, generator, noise=None):
+def sample_image(
+    core, scheduler, cache, mask, num_branches, size, num_inference_steps, guidance_scale, generator, noise=None
+):
     """One image after the cached prompt; its tokens (last evaluation) are appended to the cache."""
     config = core.config
     grid = size // config.vision_config.patch_size
     if noise is None:
         shape = (1, config.latent_channels, grid, grid)
-        noise = torch.randn(shape, generator=generator, dtype=core.dtype, device=core.device)
+        noise = randn_tensor(shape, generator=generator, device=core.device, dtype=core.dtype)
     scheduler.set_timesteps(num_inference_steps, device=core.device)
-    latents, _ = denoise(core, scheduler, noise, cache, mask, guidance_scale, keep_last_image_in_cache=True)
+    latents, _ = denoise(
+        core, scheduler, noise, cache, mask, num_branches, guidance_scale, keep_last_image_in_cache=True
+    )
     return latents, F.pad(mask, (0, (grid // config.token_merge_size) ** 2), value=1)
 
 
@@ -109,7 +116,9 @@ def next_token(logits: torch.Tensor, temperature: float, generator: torch.Genera
     if temperature <= 0:
         return int(logits.argmax())
     probabilities = torch.softmax(logits.float() / temperature, dim=-1)
-    return int(torch.multinomial(probabilities.cpu(), 1, generator=generator))
+    if generator is not None:
+        probabilities = probabilities.to(generator.device)
+    return int(torch.multinomial(probabilities, 1, generator=generator))
 
 
 __all__ = ["InterleavedOutput", "generate_interleaved"]

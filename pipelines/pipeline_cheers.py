@@ -1,8 +1,7 @@
 """`CheersPipeline`: text-to-image and image editing with Cheers, as a diffusers pipeline.
 
-The network math lives in the model (`CheersModel.compute_velocity`), the ODE step in the scheduler
-(`CheersFlowMatchScheduler.step`); `denoise` below is the one sampling loop, shared by the pipeline and by
-`generate_interleaved` (text that may contain images).
+The pipeline prepares prompts, latents and outputs; the sampling loop and guidance are `sampling.denoise` (shared
+with interleaved generation), the network evaluation `CheersModel.compute_velocity`, the Euler step the scheduler's.
 """
 
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .sampling import denoise
 from .scheduling_cheers import CheersFlowMatchScheduler
 
 
@@ -51,51 +51,6 @@ class CheersPipelineOutput(BaseOutput):
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     detail_gate_maps: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
-
-
-def guided_velocity(velocity: torch.Tensor, branches: int, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance on stacked [conditional; unconditional] velocities, in their dtype (official)."""
-    if branches == 1:
-        return velocity
-    conditional, unconditional = velocity.chunk(2)
-    return unconditional + guidance_scale * (conditional - unconditional)
-
-
-def denoise(
-    model,
-    scheduler: CheersFlowMatchScheduler,
-    latents: torch.Tensor,
-    cache,
-    attention_mask: torch.Tensor,
-    guidance_scale: float,
-    keep_last_image_in_cache: bool = False,
-    on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
-    interrupted: Callable[[], bool] = lambda: False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integrate x_t from the scheduler's first timestep to t = 1 (plus the official tail step).
-
-    `cache` holds the prompt (rows [conditional; unconditional] with guidance) and is not modified, except that with
-    `keep_last_image_in_cache` the image tokens of the last evaluation are appended, as the official model does before
-    it continues the text. `on_step_end(index, t, latents)` may return replacement latents. Returns the final latents
-    and the detail-gate map of the last conditional evaluation.
-    """
-    core = model.model if hasattr(model, "model") else model
-    branches = cache.layers[0].keys.shape[0] // latents.shape[0]
-    gate = None
-    for index, t in enumerate(scheduler.timesteps):
-        if interrupted():
-            break
-        last = index == len(scheduler.timesteps) - 1
-        output = core.compute_velocity(
-            latents, t, cache, attention_mask, store_in_cache=keep_last_image_in_cache and last
-        )
-        velocity = guided_velocity(output.velocity.to(latents.dtype), branches, guidance_scale)
-        gate = output.detail_gate[: latents.shape[0]]
-        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-        if on_step_end is not None:
-            replaced = on_step_end(index, t, latents)
-            latents = latents if replaced is None else replaced
-    return latents, gate
 
 
 class CheersPipeline(DiffusionPipeline):
@@ -180,31 +135,52 @@ class CheersPipeline(DiffusionPipeline):
             raise ValueError(f"`callback_on_step_end_tensor_inputs` can only contain {self._callback_tensor_inputs}.")
 
     def encode_prompt(
-        self, prompts: list[str], negative_prompts: list[str] | None, images, context_image, resolution: int
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        image=None,
+        context_image=None,
+        resolution: int | None = None,
+        do_classifier_free_guidance: bool | None = None,
+        device: torch.device | None = None,
     ):
         """Tokenise the conditional (and unconditional) prompts and prefill them into one KV cache.
 
-        Returns (cache, attention_mask, conditional processor inputs); rows are [conditional; unconditional].
+        Args:
+            prompt, negative_prompt, image, context_image: as in `__call__` (`image`: one per prompt).
+            resolution (`int`, *optional*): image side for `image` / `context_image`; default the native one.
+            do_classifier_free_guidance (`bool`, *optional*): add the unconditional branch; default
+                `guidance_scale != 1` of the current call (True outside a call).
+            device (`torch.device`, *optional*): default the pipeline's execution device.
+        Returns:
+            `(cache, attention_mask, num_branches)`: the cache rows are [conditional; unconditional] when guided.
         """
-        texts = [self._chat(prompt, has_image=images is not None) for prompt in prompts]
-        kwargs = {"generation_mode": "image", "context_image": context_image, "resolution": resolution}
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        images = None if image is None else ([image] * len(prompts) if not isinstance(image, list) else list(image))
+        if do_classifier_free_guidance is None:
+            do_classifier_free_guidance = getattr(self, "_guidance_scale", None) != 1.0
+        device = device or self._execution_device
+        texts = [self._chat(text, has_image=images is not None) for text in prompts]
+        kwargs = {"generation_mode": "image", "context_image": context_image}
+        kwargs["resolution"] = resolution or self.default_size
         inputs = self.processor(text=texts, images=images, **kwargs)
         batch = [inputs]
-        if self.do_classifier_free_guidance:
-            if negative_prompts is None:
+        if do_classifier_free_guidance:
+            if negatives is None:
                 batch.append(self.processor.build_unconditional_inputs(inputs))
             else:
-                negative_texts = [self._chat(prompt, has_image=images is not None) for prompt in negative_prompts]
+                negative_texts = [self._chat(text, has_image=images is not None) for text in negatives]
                 batch.append(self.processor(text=negative_texts, images=images, **kwargs))
         model_inputs = stack_prompt_inputs(batch, self.processor.tokenizer.pad_token_id)
-        model_inputs = {key: value.to(self._execution_device) for key, value in model_inputs.items()}
+        model_inputs = {key: value.to(device) for key, value in model_inputs.items()}
         if inputs.get("pixel_values") is not None:
             # Every branch shows the same images (context / edit source): tokenize them once, share the features.
-            pixel_values = inputs["pixel_values"].to(self._execution_device)
-            features = self.model.model.get_image_features(pixel_values).image_features
-            model_inputs["image_features"] = torch.cat([features] * len(batch))
+            image_outputs = self.model.model.get_image_features(inputs["pixel_values"].to(device))
+            image_outputs.pooler_output = torch.cat([image_outputs.pooler_output] * len(batch))
+            model_inputs["mm_encoder_outputs"] = {"image": image_outputs}
         output = self.model.model(**model_inputs, use_cache=True)
-        return output.cache, model_inputs["attention_mask"], inputs
+        return output.cache, model_inputs["attention_mask"], len(batch)
 
     def _chat(self, prompt: str, has_image: bool) -> str:
         content = [{"type": "image"}, {"type": "text", "text": prompt}] if has_image else prompt
@@ -327,7 +303,9 @@ class CheersPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.model.dtype
 
         # 2. Prompt caches (conditional and unconditional in one batch)
-        cache, attention_mask, _ = self.encode_prompt(prompts, negatives, images, context_image, height)
+        cache, attention_mask, num_branches = self.encode_prompt(
+            prompts, negatives, images, context_image, height, self.do_classifier_free_guidance, device
+        )
 
         # 3. Timesteps (a per-call time shift leaves the pipeline's scheduler as it was)
         scheduler = self.scheduler
@@ -358,7 +336,7 @@ class CheersPipeline(DiffusionPipeline):
                 return replaced
 
             latents, gate = denoise(
-                self.model, scheduler, latents, cache, attention_mask, guidance_scale,
+                self.model, scheduler, latents, cache, attention_mask, num_branches, guidance_scale,
                 on_step_end=on_step_end, interrupted=lambda: self.interrupt,
             )  # fmt: skip
 
@@ -390,4 +368,4 @@ def stack_prompt_inputs(batches: list, pad_token_id: int) -> dict:
     return merged
 
 
-__all__ = ["CheersPipeline", "CheersPipelineOutput", "denoise", "guided_velocity"]
+__all__ = ["CheersPipeline", "CheersPipelineOutput"]
