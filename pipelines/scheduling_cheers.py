@@ -92,7 +92,7 @@ class CheersFlowMatchScheduler(SchedulerMixin, ConfigMixin):
                 "use 1.0 for text-to-image and 0.9 for the official editing start (t0 = 0.1)."
             )
         start_time = 1.0 - strength
-        # The official editing recomputes the step count from t0 with this exact float expression (Q-12).
+        # The official editing recomputes the step count from t0 with this exact float expression (int of a product).
         num_steps = int(num_inference_steps * (1.0 - start_time))
         if num_steps < 1:
             raise ValueError(
@@ -101,7 +101,7 @@ class CheersFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             )
         grid = torch.linspace(start_time, 1.0, num_steps, dtype=torch.float32, device="cpu")  # as the official
         t = shift_time(grid, self.config.time_shift)
-        # N - 1 intervals reach t = 1; the official then steps once more from t = 1 by 1 / N (Q-6).
+        # N - 1 intervals reach t = 1; the official sampler then steps once more from t = 1 by 1 / N.
         tail = torch.tensor([1.0 / num_steps], dtype=torch.float32)
         self.step_sizes = torch.cat([t[1:] - t[:-1], tail])
         self.timesteps = t.to(device)
@@ -127,7 +127,7 @@ class CheersFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         """Point on the path: x_t = t * sample + (1 - t) * noise, in `sample`'s dtype (the editing init).
 
         The official editing starts from t = `scheduler.start_time` (0.1) while its first timestep is
-        `scheduler.timesteps[0]` = shift(0.1) (Q-12); pass `start_time` to reproduce it.
+        `scheduler.timesteps[0]` = shift(0.1), a small offset of the official code; pass `start_time` to reproduce it.
         A Python float (or one-element tensor) t rounds exactly like the official `t0 * z + (1 - t0) * noise`;
         a per-sample tensor of shape (batch,) is applied in float32, then cast.
         """
@@ -165,7 +165,7 @@ class CheersFlowMatchScheduler(SchedulerMixin, ConfigMixin):
                 "(the last call is already the tail step at t = 1); call `set_timesteps` to start a new loop."
             )
         dt = self.step_sizes[self._step_index].item()  # float32 value as a Python scalar
-        # Official numerics (Q-4): stay in the latent dtype (bf16) and round the product, then the sum.
+        # Official numerics: stay in the latent dtype (bf16) and round the product, then the sum.
         # No float32 upcast as in FlowMatchEulerDiscreteScheduler: that changes up to 22% of the bf16 values of the
         # golden T2I steps (one rounding instead of two).
         prev_sample = sample + model_output.to(sample.dtype) * dt
