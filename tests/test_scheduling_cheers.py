@@ -118,7 +118,7 @@ def test_checklist_edit_80_becomes_72():
 
 
 def test_edit_init_reproduces_official_level():
-    """Q-12: the official init level is t0 = 0.1 although the first timestep fed is shift(0.1)."""
+    """The official init level is t0 = 0.1 although the first timestep fed is shift(0.1)."""
     scheduler = CheersFlowMatchScheduler(time_shift=0.5)
     scheduler.set_timesteps(80, strength=0.9)
     generator = torch.Generator().manual_seed(0)
