@@ -13,7 +13,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from transformers_cheers import CheersConfig, CheersForConditionalGeneration, CheersModel
-from transformers_cheers.modeling_cheers import image_block_ids
+from transformers_cheers.omni_attention import image_block_ids
 from transformers_cheers.presets import preset_config
 
 

@@ -10,8 +10,9 @@ Data flows through this file top to bottom:
 3. flow head (`flow_head.py`): LLM hidden states of an image's tokens -> latent velocity.
 
 Reused from the libraries: transformers' `Qwen2Model` and `SiglipVisionModel`, diffusers' `AutoencoderKLFlux2` and
-`Decoder`. The flow-matching path and the training objective live in `training.py`, the sampling loop in
-`transformers_cheers.pipelines.sampling`.
+`Decoder`. Cheers' own modules: `vision_tokenizer.py`, `omni_attention.py`, `flow_head.py` (and `layout.py` for the
+tensor layouts, `vae_numerics.py` for the bit-parity VAE kernels). The flow-matching path and the training objective
+live in `training.py`, the sampling loop in `transformers_cheers.pipelines.sampling`.
 """
 
 from dataclasses import dataclass
@@ -19,10 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLFlux2
-from diffusers.models.autoencoders.vae import Decoder
 from torch import nn
 from transformers import AutoModel, Cache, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
@@ -46,9 +45,11 @@ from .flow_head import (
     detail_head_positions,
     rope_cos_sin,
 )
-from .layout import merge_tokens, patchify_latents, split_tokens, unpatchify_latents
+from .layout import patchify_latents, split_tokens, unpatchify_latents
+from .omni_attention import image_block_ids, read_only_view
 from .training import check_training_labels, compute_training_losses, flow_matching_path
 from .vae_numerics import use_unfused_vae_kernels
+from .vision_tokenizer import CheersDecoderProjector, CheersMultiModalProjector, denormalize_latents
 
 
 logger = logging.get_logger(__name__)
@@ -125,69 +126,7 @@ class CheersVelocityOutput(ModelOutput):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# 1. Vision tokenizer
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def denormalize_latents(latents: torch.Tensor, batch_norm: nn.BatchNorm2d) -> torch.Tensor:
-    """Inverse of an eval-mode affine-free BatchNorm, computed in the latents' dtype (as the official model)."""
-    std = torch.sqrt(batch_norm.running_var.to(latents.dtype).view(1, -1, 1, 1) + batch_norm.eps)
-    return latents * std + batch_norm.running_mean.to(latents.dtype).view(1, -1, 1, 1)
-
-
-class CheersDecoderProjector(nn.Module):
-    """The second VAE decoder: normalised patchified latents (clean or noisy) -> pixels for SigLIP."""
-
-    def __init__(self, config: CheersConfig):
-        super().__init__()
-        projector = config.decoder_projector_config
-        self.patch_size = tuple(config.vae_config["patch_size"])
-        latent_channels = projector["latent_channels"]
-        # Its own statistics: they are stored separately from the VAE's and may differ.
-        self.bn = nn.BatchNorm2d(
-            latent_channels * self.patch_size[0] * self.patch_size[1],
-            eps=config.vae_config["batch_norm_eps"],
-            affine=False,
-            track_running_stats=True,
-        )
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
-        self.decoder = Decoder(
-            in_channels=latent_channels,
-            out_channels=projector["out_channels"],
-            up_block_types=("UpDecoderBlock2D",) * len(projector["block_out_channels"]),
-            block_out_channels=tuple(projector["block_out_channels"]),
-            layers_per_block=projector["layers_per_block"],
-            norm_num_groups=projector["norm_num_groups"],
-            act_fn="silu",
-            mid_block_add_attention=True,
-        )
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = unpatchify_latents(denormalize_latents(latents, self.bn), self.patch_size)
-        return self.decoder(self.post_quant_conv(latents))
-
-
-class CheersMultiModalProjector(nn.Module):
-    """LayerNorm on SigLIP tokens, merge each 2x2 block into one token, MLP to the LLM width."""
-
-    def __init__(self, config: CheersConfig):
-        super().__init__()
-        vision_width = config.vision_config.hidden_size
-        merged_width = vision_width * config.token_merge_size**2
-        self.merge_size = config.token_merge_size
-        self.layer_norm = nn.LayerNorm(vision_width, eps=config.projector_layer_norm_eps)
-        self.linear_1 = nn.Linear(merged_width, merged_width)
-        self.act = nn.GELU()
-        self.linear_2 = nn.Linear(merged_width, config.text_config.hidden_size)
-
-    def forward(self, vision_features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        vision_features = self.layer_norm(vision_features.to(self.layer_norm.weight.dtype))
-        merged = merge_tokens(vision_features, grid, self.merge_size)
-        return self.linear_2(self.act(self.linear_1(merged)))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# 2. LLM glue
+# LLM glue (the vision tokenizer's trained modules are in vision_tokenizer.py, the flow head in flow_head.py)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -203,38 +142,6 @@ class CheersTextRotaryEmbedding(Qwen2RotaryEmbedding):
         return rope_cos_sin(
             self.inv_freq, position_ids, x.dtype, self.round_to_compute_dtype, scaling=self.attention_scaling
         )
-
-
-class PrefixCacheLayer(DynamicLayer):
-    """A cache layer over a fixed prefix: new keys/values are attended to in this call but never stored."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-
-def read_only_view(cache: Cache) -> Cache:
-    """A cache that attends to `cache`'s contents without growing it (no copy: the tensors are shared)."""
-    layers = []
-    for layer in cache.layers:
-        view = PrefixCacheLayer()
-        view.keys, view.values, view.device, view.is_initialized = layer.keys, layer.values, layer.keys.device, True
-        layers.append(view)
-    return Cache(layers=layers)
-
-
-def image_block_ids(placeholder_mask: torch.BoolTensor, tokens_per_image: int | None) -> torch.LongTensor:
-    """Id of the image each token belongs to (-1 for text): tokens of one image attend to each other bidirectionally.
-
-    A run of placeholder tokens is split into images of `tokens_per_image` tokens, so two images with nothing between
-    them are still two blocks (the processor refuses such prompts; precomputed inputs may still hold them).
-    """
-    starts = placeholder_mask & ~F.pad(placeholder_mask[:, :-1], (1, 0), value=False)
-    if tokens_per_image:
-        positions = torch.arange(placeholder_mask.shape[1], device=placeholder_mask.device)
-        run_start = torch.cummax(torch.where(starts, positions, -1), dim=-1).values
-        offset = positions - run_start
-        starts = starts | (placeholder_mask & (offset % tokens_per_image == 0))
-    return torch.where(placeholder_mask, starts.long().cumsum(-1) - 1, -1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
