@@ -35,6 +35,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_cheers import CheersConfig
+from .cpu_bf16 import use_fallback_bf16_convolutions
 from .flow_head import (
     CheersDetailGate,
     CheersDiTBlock,
@@ -244,6 +245,7 @@ class CheersModel(CheersPreTrainedModel):
             num_key_value_heads=config.detail_head_num_key_value_heads,
             out_features=config.latent_channels,
         )
+        use_fallback_bf16_convolutions(self)  # VAE, decoder projector, SigLIP patches: usable bf16 on any CPU
         self.post_init()
 
     def get_input_embeddings(self):
