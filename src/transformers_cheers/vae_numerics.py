@@ -29,12 +29,24 @@ class ProductSiLU(nn.SiLU):
 class ConvolutionOrderLinear(nn.Linear):
     """`nn.Linear` on (..., tokens, C) computed as a 1x1 convolution, i.e. with a convolution's accumulation order."""
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        *batch, length, channels = tokens.shape
+    def convolve(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., tokens, C) -> the 1x1 convolution's (N, C_out, tokens) map."""
+        length, channels = tokens.shape[-2:]
         feature_map = tokens.reshape(-1, length, channels).transpose(1, 2).unsqueeze(-1)  # (N, C, tokens, 1)
-        projected = F.conv2d(feature_map, self.weight[:, :, None, None], self.bias)
-        # contiguous like the reference's tokens: SDPA rounds differently on strided bf16 inputs
-        return projected.squeeze(-1).transpose(1, 2).reshape(*batch, length, -1).contiguous()
+        return F.conv2d(feature_map, self.weight[:, :, None, None], self.bias).squeeze(-1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # contiguous tokens, as the reference feeds them to attention: SDPA rounds differently on strided bf16 inputs
+        return self.convolve(tokens).transpose(1, 2).reshape(*tokens.shape[:-1], -1).contiguous()
+
+
+class ConvolutionOrderOutputLinear(ConvolutionOrderLinear):
+    """The output projection: its tokens are a view of the channels-first map, so that diffusers' processor turns
+    them back into a contiguous (N, C, H, W) map, as the reference's convolution returns (a channels-last map would
+    make the next GroupNorm round differently)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.convolve(tokens).transpose(1, 2).reshape(*tokens.shape[:-1], -1)
 
 
 def use_unfused_vae_kernels(module: nn.Module) -> nn.Module:
@@ -44,10 +56,12 @@ def use_unfused_vae_kernels(module: nn.Module) -> nn.Module:
             if type(child) is nn.SiLU:
                 setattr(submodule, name, ProductSiLU())
         if hasattr(submodule, "set_processor") and getattr(submodule, "group_norm", None) is not None:
-            for projection in (submodule.to_q, submodule.to_k, submodule.to_v, submodule.to_out[0]):
+            for projection in (submodule.to_q, submodule.to_k, submodule.to_v):
                 if type(projection) is nn.Linear:
                     projection.__class__ = ConvolutionOrderLinear
+            if type(submodule.to_out[0]) is nn.Linear:
+                submodule.to_out[0].__class__ = ConvolutionOrderOutputLinear
     return module
 
 
-__all__ = ["ConvolutionOrderLinear", "ProductSiLU", "use_unfused_vae_kernels"]
+__all__ = ["ConvolutionOrderLinear", "ConvolutionOrderOutputLinear", "ProductSiLU", "use_unfused_vae_kernels"]
