@@ -7,6 +7,13 @@ import torch
 from transformers import Qwen2Tokenizer
 
 from transformers_cheers.processing_cheers import CheersProcessor, add_cheers_special_tokens, official_dummy_image
+from transformers_cheers.prompting import (
+    CHEERS_SPECIAL_TOKENS,
+    DEFAULT_SYSTEM_PROMPT,
+    render_chat,
+    render_training_conversation,
+    unconditional_input_ids,
+)
 
 
 IMAGE_TOKENS = 16  # (128 px / 16 patch / 2 merge) ** 2 in the tiny fixtures
@@ -66,6 +73,36 @@ def test_chat_template_string_content_system_and_turns(golden, processor):
     ]
     expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
     assert chat(processor, *conversation, generation=False) == expected
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [
+            {"role": "user", "content": "<im_start><image><im_end>\nWhat is this?"},
+            {"role": "assistant", "content": "A cat."},
+            {"role": "user", "content": "And now?"},
+        ],
+    ],
+)
+@pytest.mark.parametrize("generation", [True, False])
+def test_chat_template_equals_the_python_renderer(processor, messages, generation):
+    """The Jinja template (inference) and `render_chat` (training) write the same text."""
+    assert chat(processor, *messages, generation=generation) == render_chat(messages, generation)
+
+
+def test_training_text_is_the_chat_format(processor):
+    """The collator's text is the chat template's text of the stripped turns after the system prompt."""
+    turns = [
+        {"from": "user", "value": " <im_start><image><im_end>\nWhat is this? "},
+        {"from": "assistant", "value": "Red."},
+    ]
+    messages = [{"role": turn["from"], "content": turn["value"].strip()} for turn in turns]
+    assert render_training_conversation(turns) == chat(processor, *messages, generation=False)
+    assert render_training_conversation(turns, "Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert render_chat(messages).startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
 
 
 def test_chat_template_rejects_unknown_items(processor):
@@ -208,10 +245,10 @@ def test_unconditional_matches_official_rule(golden, processor):
         text=prompt_text(golden, "case4a_t2i_cfg"), context_image=official_dummy_image(17), generation_mode="image"
     )
     unconditional = processor.build_unconditional_inputs(inputs)
-    kept = {processor.image_start_token_id, processor.image_end_token_id, -200}
-    official = torch.tensor(
-        [t if t in kept else processor.null_token_id for t in recorded["inputs/input_ids"][0].tolist()]
-    )
+    # the official rule on the official ids: everything but <im_start>, <im_end> and the -200 image sentinel
+    official_ids, official_mask = recorded["inputs/input_ids"][0], recorded["inputs/attention_mask"][0]
+    kept = (processor.image_start_token_id, processor.image_end_token_id, -200)
+    official = unconditional_input_ids(official_ids, official_mask, kept, processor.null_token_id)
     assert unconditional["input_ids"][0].tolist() == expand_official(processor, official, IMAGE_TOKENS)
     assert torch.equal(unconditional["attention_mask"], inputs["attention_mask"])
     assert torch.equal(unconditional["pixel_values"], inputs["pixel_values"])
@@ -249,6 +286,7 @@ def test_official_token_ids(processor):
     ids = [processor.image_token_id, processor.image_gen_token_id, processor.image_start_token_id]
     ids += [processor.image_end_token_id, processor.null_token_id]
     assert ids == list(range(151665, 151670))
+    assert processor.tokenizer.convert_tokens_to_ids(list(CHEERS_SPECIAL_TOKENS)) == ids
     assert processor.tokenizer.pad_token_id == 151643 and processor.tokenizer.eos_token_id == 151645
     assert add_cheers_special_tokens(processor.tokenizer) == 0  # already there: nothing added twice
     assert "context_image_mask" in processor.model_input_names

@@ -53,13 +53,21 @@ import torch
 from transformers.utils import logging
 
 from .image_processing_cheers import load_image_file
-from .processing_cheers import DEFAULT_SYSTEM_PROMPT
+from .prompting import (
+    DEFAULT_SYSTEM_PROMPT,
+    IMAGE_GEN_TOKEN,
+    IMAGE_TOKEN,
+    TURN_END,
+    TURN_START,
+    find_placeholders,
+    render_training_conversation,
+    unconditional_input_ids,
+)
 
 
 logger = logging.get_logger(__name__)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-IMAGE_PLACEHOLDERS = ("<image>", "<image_gen>")
 TIMESTEP_EPSILON = 1e-6
 
 
@@ -89,19 +97,7 @@ def parse_image_field(value) -> list[str]:
 
 def placeholders_in(conversations: list[dict]) -> list[str]:
     """The image placeholders of a conversation, in order."""
-    found = []
-    for turn in conversations:
-        text = turn["value"]
-        index = 0
-        while True:
-            positions = [(text.find(token, index), token) for token in ("<image_gen>", "<image>")]
-            positions = [(at, token) for at, token in positions if at >= 0]
-            if not positions:
-                break
-            at, token = min(positions)
-            found.append(token)
-            index = at + len(token)
-    return found
+    return [token for turn in conversations for token in find_placeholders(turn["value"])]
 
 
 def normalize_sample(
@@ -293,25 +289,18 @@ class CheersTrainingCollator:
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}.")
         tokenizer = self.processor.tokenizer
-        self.turn_start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        self.turn_start_id = tokenizer.convert_tokens_to_ids(TURN_START)
         newline = tokenizer.encode("\n", add_special_tokens=False)
         structural = [
             self.turn_start_id,
-            tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            tokenizer.convert_tokens_to_ids(TURN_END),
             self.processor.image_start_token_id,
             self.processor.image_end_token_id,
             self.processor.null_token_id,
         ] + (newline if len(newline) == 1 else [])
         self.structural_ids = torch.tensor(structural)
         self.image_ids = torch.tensor([self.processor.image_token_id, self.processor.image_gen_token_id])
-        self.dropout_kept_ids = torch.tensor(
-            [
-                self.processor.image_token_id,
-                self.processor.image_gen_token_id,
-                self.processor.image_start_token_id,
-                self.processor.image_end_token_id,
-            ]
-        )
+        self.dropout_kept_ids = self.processor.unconditional_kept_token_ids
 
     def set_epoch(self, epoch: int) -> None:
         """New random draws (t, noise, dropout) for every epoch; call before iterating the data loader."""
@@ -326,10 +315,7 @@ class CheersTrainingCollator:
         return resolution
 
     def render(self, conversations: list[dict]) -> str:
-        text = f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"
-        for turn in conversations:
-            text += f"<|im_start|>{turn['from']}\n{turn['value'].strip()}<|im_end|>\n"
-        return text
+        return render_training_conversation(conversations, self.system_prompt)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         resolutions = {sample.get("resolution") or self.resolution for sample in samples}
@@ -351,7 +337,7 @@ class CheersTrainingCollator:
             images.append([self.load_image(path, sample) for path in sample["images"]])
             sample_timesteps = []
             for token in placeholders_in(conversations):
-                if token == "<image>":
+                if token == IMAGE_TOKEN:
                     sample_timesteps.append(1.0)
                 else:
                     draw = float(torch.rand(1, generator=generator))
@@ -362,7 +348,7 @@ class CheersTrainingCollator:
                 sample_timesteps.append(0.0)
             contexts.append(context)
             timesteps.extend(sample_timesteps)
-            has_generation = "<image_gen>" in placeholders_in(conversations)
+            has_generation = IMAGE_GEN_TOKEN in placeholders_in(conversations)
             dropped.append(has_generation and float(torch.rand(1, generator=generator)) < self.guidance_dropout)
 
         kwargs = {"padding_side": self.padding_side, "resolution": resolution}
@@ -383,9 +369,10 @@ class CheersTrainingCollator:
             [self.labels_for(row, mask, sample) for row, mask, sample in zip(input_ids, attention_mask, samples)]
         )
         for row, drop in enumerate(dropped):
-            if drop:
-                keep = torch.isin(input_ids[row], self.dropout_kept_ids) | ~attention_mask[row]
-                input_ids[row] = torch.where(keep, input_ids[row], self.processor.null_token_id)
+            if drop:  # the sample becomes its own unconditional prompt, as at inference with guidance
+                input_ids[row] = unconditional_input_ids(
+                    input_ids[row], attention_mask[row], self.dropout_kept_ids, self.processor.null_token_id
+                )
 
         output = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "labels": labels}
         context_mask = batch.get("context_image_mask")
