@@ -325,6 +325,31 @@ def test_image_and_placeholder_mismatch(processor, images, text, message):
         processor(images=images, text=text)
 
 
+@pytest.mark.parametrize(
+    "text, found",
+    [
+        ("<image><image>", "<image><image>"),
+        ("Compare <im_start><image_gen><image><im_end>.", "<image_gen><image>"),
+        (["fine", "<im_start><image><im_end> then <image><image_gen>"], "<image><image_gen>"),
+    ],
+)
+def test_adjacent_placeholders_are_refused(processor, text, found):
+    """Expanded, two adjacent placeholders are one unbroken run of image tokens: the model would see one image."""
+    index = 1 if isinstance(text, list) else 0
+    count = sum(sample.count("<image") for sample in ([text] if isinstance(text, str) else text))
+    message = rf"Prompt {index} has two image placeholders with nothing between them \('{found}'\).*single image.*"
+    message += r"Wrap each image in <im_start>...<im_end>"
+    with pytest.raises(ValueError, match=message):
+        processor(images=[PICTURE] * count, text=text)
+
+
+def test_separated_placeholders_are_two_images(processor):
+    out = processor(images=[PICTURE] * 2, text="<im_start><image><im_end><im_start><image><im_end>")
+    is_image = out["input_ids"][0] == processor.image_token_id
+    starts = is_image & ~torch.cat([torch.tensor([False]), is_image[:-1]])
+    assert int(is_image.sum()) == 2 * IMAGE_TOKENS and int(starts.sum()) == 2
+
+
 @pytest.mark.parametrize("text", ["", [], [""], None, ["ok", 3]])
 def test_empty_or_invalid_text(processor, text):
     with pytest.raises(ValueError, match="text must be a non-empty string"):

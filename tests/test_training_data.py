@@ -85,6 +85,21 @@ def test_placeholders_and_images_must_agree(tmp_path):
         read_conversation_jsonl(path)
 
 
+def test_adjacent_placeholders_are_refused_at_load_time(tmp_path):
+    name = image_file(tmp_path)
+    turn = {"from": "human", "value": "<image><image>\nWhich is redder?"}
+    lines = [{"id": "glued", "image": f"{name}, {name}", "conversations": [turn, {"from": "gpt", "value": "x"}]}]
+    path = write_jsonl(tmp_path / "data.jsonl", lines)
+    with pytest.raises(
+        ValueError,
+        match=r"\(sample 'glued'\): The sample has two image placeholders with nothing between them "
+        r"\('<image><image>'\).*Wrap each image in <im_start>...<im_end>",
+    ):
+        read_conversation_jsonl(path)
+    samples, skipped = read_conversation_jsonl(path, errors="skip")
+    assert samples == [] and skipped == {"adjacent_placeholders": 1}
+
+
 def test_missing_image_file_is_named(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [{"id": "lost", "image": "nope.png", "conversations": [UND]}])
     with pytest.raises(ValueError, match=r"\(sample 'lost'\): image file '.*nope\.png' does not exist"):

@@ -33,7 +33,8 @@ What the collator reproduces from the official training (`train_cheers.process_s
 
 Differences, deliberately: a missing or unreadable image file is an error (the official code silently trains on a
 black image), so is a sample whose placeholders and images disagree (the official code crashes later or
-mis-assigns images), and sequences are never truncated (the official code keeps the last 8192 tokens, which can cut
+mis-assigns images), so are two placeholders with nothing between them (`<image><image>`, which the model would
+read as one image), and sequences are never truncated (the official code keeps the last 8192 tokens, which can cut
 an image in half). Bad lines: `errors="raise"` (default) stops at the first bad line with its line number;
 `errors="skip"` skips bad lines, counts them per reason and logs the count.
 
@@ -59,6 +60,8 @@ from .prompting import (
     IMAGE_TOKEN,
     TURN_END,
     TURN_START,
+    adjacent_placeholder_pattern,
+    adjacent_placeholders_message,
     find_placeholders,
     render_training_conversation,
     unconditional_input_ids,
@@ -100,6 +103,13 @@ def placeholders_in(conversations: list[dict]) -> list[str]:
     return [token for turn in conversations for token in find_placeholders(turn["value"])]
 
 
+def adjacent_placeholders_in(conversations: list[dict]) -> str | None:
+    """The first `<image><image>`-like pair of a conversation (two placeholders with nothing between them), if any."""
+    pattern = adjacent_placeholder_pattern()
+    matches = (pattern.search(turn["value"]) for turn in conversations)
+    return next((match.group() for match in matches if match), None)
+
+
 def normalize_sample(
     record, where: str, image_root: Path, check_images: bool, image_size_multiple: int, index: int
 ) -> dict:
@@ -128,6 +138,9 @@ def normalize_sample(
         images = parse_image_field(record.get("image"))
     except TypeError as error:
         raise SampleError(where, "malformed", str(error)) from None
+    adjacent = adjacent_placeholders_in(turns)
+    if adjacent:
+        raise SampleError(where, "adjacent_placeholders", adjacent_placeholders_message("The sample", adjacent))
     placeholders = placeholders_in(turns)
     if len(placeholders) != len(images):
         raise SampleError(
@@ -172,7 +185,7 @@ def read_conversation_jsonl(
     """Read and validate an official-format jsonl file.
 
     Returns the samples and a `Counter` of skipped lines per reason (`malformed`, `image_mismatch`,
-    `missing_image`, `bad_resolution`; empty with `errors="raise"`). Blank lines are ignored.
+    `missing_image`, `bad_resolution`, `adjacent_placeholders`; empty with `errors="raise"`). Blank lines are ignored.
     """
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}.")

@@ -20,6 +20,8 @@ from .prompting import (
     IMAGE_START_TOKEN,
     IMAGE_TOKEN,
     NULL_TOKEN,
+    adjacent_placeholder_pattern,
+    adjacent_placeholders_message,
     find_placeholders,
     placeholder_pattern,
     unconditional_input_ids,
@@ -85,6 +87,7 @@ class CheersProcessor(ProcessorMixin):
         self.null_token_id = self._token_id(null_token)
         self.resize_modes = {image_token: "letterbox", image_gen_token: "center_crop"}
         self.placeholder_pattern = placeholder_pattern(image_token, image_gen_token)
+        self.adjacent_placeholder_pattern = adjacent_placeholder_pattern(image_token, image_gen_token)
 
     @classmethod
     def from_official_checkpoint(cls, folder: str | os.PathLike, **kwargs) -> "CheersProcessor":
@@ -149,6 +152,7 @@ class CheersProcessor(ProcessorMixin):
         """
         texts = self._prompt_texts(text, generation_mode)
         output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        self._check_placeholders_apart(texts)
         placeholders = [find_placeholders(sample, self.placeholder_pattern) for sample in texts]
         row_images = self._images_per_prompt(placeholders, images)
         contexts = self._contexts_per_prompt(context_image, len(texts))
@@ -183,6 +187,13 @@ class CheersProcessor(ProcessorMixin):
             raise ValueError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}.")
         # the official text-to-image prompt ends with <im_start> right after "<|im_start|>assistant\n"
         return [sample + self.image_start_token for sample in text] if generation_mode == "image" else list(text)
+
+    def _check_placeholders_apart(self, texts: list[str]) -> None:
+        """Refuse `<image><image>`: expanded, two adjacent images are one run of image tokens, i.e. one image block."""
+        for index, sample in enumerate(texts):
+            match = self.adjacent_placeholder_pattern.search(sample)
+            if match:
+                raise ValueError(adjacent_placeholders_message(f"Prompt {index}", match.group()))
 
     def _images_per_prompt(self, placeholders: list[list[str]], images) -> list[list]:
         """Split `images` into one list per prompt, one image per placeholder, checking the counts."""

@@ -86,9 +86,26 @@ def placeholder_pattern(image_token: str = IMAGE_TOKEN, image_gen_token: str = I
     return re.compile(f"{re.escape(image_gen_token)}|{re.escape(image_token)}")
 
 
+def adjacent_placeholder_pattern(image_token: str = IMAGE_TOKEN, image_gen_token: str = IMAGE_GEN_TOKEN) -> re.Pattern:
+    """Matches two placeholders with nothing between them (the first one, followed by the second)."""
+    either = f"(?:{re.escape(image_gen_token)}|{re.escape(image_token)})"
+    return re.compile(f"{either}{either}")
+
+
 def find_placeholders(text: str, pattern: re.Pattern | None = None) -> list[str]:
     """The image placeholders of `text`, in order."""
     return (pattern or placeholder_pattern()).findall(text)
+
+
+def adjacent_placeholders_message(where: str, found: str) -> str:
+    """The error for two placeholders with nothing between them; `where` names the prompt or sample."""
+    return (
+        f"{where} has two image placeholders with nothing between them ({found!r}). Expanded, their tokens form one "
+        "unbroken run that the model reads as a single image (bidirectional attention across both), so the images "
+        f"could not be told apart. Wrap each image in {IMAGE_START_TOKEN}...{IMAGE_END_TOKEN}, e.g. "
+        f"'{IMAGE_START_TOKEN}{IMAGE_TOKEN}{IMAGE_END_TOKEN}{IMAGE_START_TOKEN}{IMAGE_TOKEN}{IMAGE_END_TOKEN}' "
+        "(apply_chat_template does this for every {'type': 'image'} item)."
+    )
 
 
 def unconditional_input_ids(
@@ -118,6 +135,7 @@ __all__ = [
     "NULL_TOKEN",
     "TURN_END",
     "TURN_START",
+    "adjacent_placeholder_pattern",
     "find_placeholders",
     "render_chat",
     "render_training_conversation",
