@@ -25,7 +25,9 @@ What the collator reproduces from the official training (`train_cheers.process_s
   everywhere; image tokens never are. (The model then shifts and rewrites them, see `transformers_cheers.training`.)
 * images: `<image>` is letterboxed with t = 1; `<image_gen>` is centre-cropped with t ~ U(0, 1) clamped to
   [1e-6, 1 - 1e-6]; t is rounded to bf16 (the official pixel dtype), so draws above ~0.999 become 1 (target 0);
-* a sample without images gets a black context image at t = 0 in front of its text (the official dummy prefix);
+* with `text_only_black_context_image=True` (off by default, like the processor and the pipelines), a sample
+  without images gets a black context image at t = 0 in front of its text: the official dummy prefix, which
+  reproduces the official training batches;
 * guidance dropout: with probability `guidance_dropout` (official `cfg_data_rate`, 0.2) a sample containing
   `<image_gen>` has every input token except `<image>`, `<image_gen>`, `<im_start>`, `<im_end>` replaced by
   `<no_mean>`; its labels are kept;
@@ -273,8 +275,10 @@ class CheersTrainingCollator:
         timestep_dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): t is rounded to this dtype, as
             the official training (bf16 pixel values) does; None keeps fp32.
         pixel_dtype (`torch.dtype`, *optional*): the official training stores pixels as bf16; default fp32.
-        text_only_context_image (`bool`, defaults to True): a sample without images gets the black context image at
-            t = 0 (official); without it such samples have no image loss.
+        text_only_black_context_image (`bool`, defaults to False): reproduces the official training batches: a
+            sample without images gets a black context image at t = 0 in front of its text (the official dummy
+            prefix), which also enters the image loss. Off by default, so that text-only samples are trained as
+            the processor and the pipelines prompt them at inference (no context image).
         padding_side (`str`, defaults to `"right"`): as the official collator.
         seed (`int`): base of the per-sample randomness; `set_epoch` changes the draws every epoch.
         max_length (`int`, *optional*): longest accepted sequence (after image expansion); longer samples raise.
@@ -286,7 +290,7 @@ class CheersTrainingCollator:
     guidance_dropout: float = 0.2
     timestep_dtype: torch.dtype | None = torch.bfloat16
     pixel_dtype: torch.dtype | None = None
-    text_only_context_image: bool = True
+    text_only_black_context_image: bool = False
     padding_side: str = "right"
     seed: int = 0
     max_length: int | None = None
@@ -356,7 +360,7 @@ class CheersTrainingCollator:
                     draw = float(torch.rand(1, generator=generator))
                     sample_timesteps.append(min(max(draw, TIMESTEP_EPSILON), 1 - TIMESTEP_EPSILON))
             context = None
-            if not sample_timesteps and self.text_only_context_image:
+            if not sample_timesteps and self.text_only_black_context_image:
                 context = PIL.Image.new("RGB", (512, 512))  # the official black dummy (letterboxed to resolution)
                 sample_timesteps.append(0.0)
             contexts.append(context)
@@ -409,7 +413,7 @@ class CheersTrainingCollator:
         grid = resolution // self.config.vision_config.patch_size
         noise = []
         for sample, generator in zip(samples, generators):
-            count = max(len(sample["images"]), 1 if self.text_only_context_image else 0)
+            count = max(len(sample["images"]), 1 if self.text_only_black_context_image else 0)
             noise.append(torch.randn(count, self.config.latent_channels, grid, grid, generator=generator))
         return torch.cat(noise)
 
