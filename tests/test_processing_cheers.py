@@ -1,5 +1,9 @@
 """CheersProcessor: chat template, official parity (cases 2-5), generation and CFG prompts, bad inputs, save/load."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -280,6 +284,41 @@ def test_save_and_load_round_trip(processor, image, tmp_path):
     before, after = processor(images=[image], text=texts), loaded(images=[image], text=texts)
     assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
     assert after["attention_mask"][1, 0] == 0  # still left-padded
+
+
+def test_saved_folder_loads_with_remote_code_without_the_package(processor, tmp_path):
+    """save_pretrained copies the processor code and its relative imports (prompting.py included)."""
+    processor.save_pretrained(tmp_path / "processor")
+    assert {"processing_cheers.py", "image_processing_cheers.py", "prompting.py"} <= {
+        path.name for path in (tmp_path / "processor").iterdir()
+    }
+    text = "<im_start><image><im_end> hi"
+    expected = processor(images=[PICTURE], text=text)["input_ids"][0].tolist()
+    code = (
+        "import sys\n"
+        "sys.modules['transformers_cheers'] = None  # importing our package would fail\n"
+        "import PIL.Image\n"
+        "from transformers import AutoProcessor\n"
+        f"processor = AutoProcessor.from_pretrained({str(tmp_path / 'processor')!r}, trust_remote_code=True)\n"
+        "assert type(processor).__module__.startswith('transformers_modules.'), type(processor).__module__\n"
+        "image = PIL.Image.new('RGB', (40, 30), 'red')\n"
+        f"print(processor(images=[image], text={text!r})['input_ids'][0].tolist())\n"
+        "try:\n"
+        "    processor(images=[image, image], text='<image><image>')\n"
+        "except ValueError as error:\n"
+        "    print(str(error).split('.')[0])\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    ids, refusal = run.stdout.strip().splitlines()[-2:]
+    assert ids == str(expected)
+    assert refusal == "Prompt 0 has two image placeholders with nothing between them ('<image><image>')"
 
 
 def test_official_token_ids(processor):
