@@ -1,5 +1,9 @@
 """CheersProcessor: chat template, official parity (cases 2-5), generation and CFG prompts, bad inputs, save/load."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -7,6 +11,13 @@ import torch
 from transformers import Qwen2Tokenizer
 
 from transformers_cheers.processing_cheers import CheersProcessor, add_cheers_special_tokens, official_dummy_image
+from transformers_cheers.prompting import (
+    CHEERS_SPECIAL_TOKENS,
+    DEFAULT_SYSTEM_PROMPT,
+    render_chat,
+    render_training_conversation,
+    unconditional_input_ids,
+)
 
 
 IMAGE_TOKENS = 16  # (128 px / 16 patch / 2 merge) ** 2 in the tiny fixtures
@@ -66,6 +77,36 @@ def test_chat_template_string_content_system_and_turns(golden, processor):
     ]
     expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
     assert chat(processor, *conversation, generation=False) == expected
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [
+            {"role": "user", "content": "<im_start><image><im_end>\nWhat is this?"},
+            {"role": "assistant", "content": "A cat."},
+            {"role": "user", "content": "And now?"},
+        ],
+    ],
+)
+@pytest.mark.parametrize("generation", [True, False])
+def test_chat_template_equals_the_python_renderer(processor, messages, generation):
+    """The Jinja template (inference) and `render_chat` (training) write the same text."""
+    assert chat(processor, *messages, generation=generation) == render_chat(messages, generation)
+
+
+def test_training_text_is_the_chat_format(processor):
+    """The collator's text is the chat template's text of the stripped turns after the system prompt."""
+    turns = [
+        {"from": "user", "value": " <im_start><image><im_end>\nWhat is this? "},
+        {"from": "assistant", "value": "Red."},
+    ]
+    messages = [{"role": turn["from"], "content": turn["value"].strip()} for turn in turns]
+    assert render_training_conversation(turns) == chat(processor, *messages, generation=False)
+    assert render_training_conversation(turns, "Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert render_chat(messages).startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
 
 
 def test_chat_template_rejects_unknown_items(processor):
@@ -208,10 +249,10 @@ def test_unconditional_matches_official_rule(golden, processor):
         text=prompt_text(golden, "case4a_t2i_cfg"), context_image=official_dummy_image(17), generation_mode="image"
     )
     unconditional = processor.build_unconditional_inputs(inputs)
-    kept = {processor.image_start_token_id, processor.image_end_token_id, -200}
-    official = torch.tensor(
-        [t if t in kept else processor.null_token_id for t in recorded["inputs/input_ids"][0].tolist()]
-    )
+    # the official rule on the official ids: everything but <im_start>, <im_end> and the -200 image sentinel
+    official_ids, official_mask = recorded["inputs/input_ids"][0], recorded["inputs/attention_mask"][0]
+    kept = (processor.image_start_token_id, processor.image_end_token_id, -200)
+    official = unconditional_input_ids(official_ids, official_mask, kept, processor.null_token_id)
     assert unconditional["input_ids"][0].tolist() == expand_official(processor, official, IMAGE_TOKENS)
     assert torch.equal(unconditional["attention_mask"], inputs["attention_mask"])
     assert torch.equal(unconditional["pixel_values"], inputs["pixel_values"])
@@ -245,10 +286,46 @@ def test_save_and_load_round_trip(processor, image, tmp_path):
     assert after["attention_mask"][1, 0] == 0  # still left-padded
 
 
+def test_saved_folder_loads_with_remote_code_without_the_package(processor, tmp_path):
+    """save_pretrained copies the processor code and its relative imports (prompting.py included)."""
+    processor.save_pretrained(tmp_path / "processor")
+    assert {"processing_cheers.py", "image_processing_cheers.py", "prompting.py"} <= {
+        path.name for path in (tmp_path / "processor").iterdir()
+    }
+    text = "<im_start><image><im_end> hi"
+    expected = processor(images=[PICTURE], text=text)["input_ids"][0].tolist()
+    code = (
+        "import sys\n"
+        "sys.modules['transformers_cheers'] = None  # importing our package would fail\n"
+        "import PIL.Image\n"
+        "from transformers import AutoProcessor\n"
+        f"processor = AutoProcessor.from_pretrained({str(tmp_path / 'processor')!r}, trust_remote_code=True)\n"
+        "assert type(processor).__module__.startswith('transformers_modules.'), type(processor).__module__\n"
+        "image = PIL.Image.new('RGB', (40, 30), 'red')\n"
+        f"print(processor(images=[image], text={text!r})['input_ids'][0].tolist())\n"
+        "try:\n"
+        "    processor(images=[image, image], text='<image><image>')\n"
+        "except ValueError as error:\n"
+        "    print(str(error).split('.')[0])\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    ids, refusal = run.stdout.strip().splitlines()[-2:]
+    assert ids == str(expected)
+    assert refusal == "Prompt 0 has two image placeholders with nothing between them ('<image><image>')"
+
+
 def test_official_token_ids(processor):
     ids = [processor.image_token_id, processor.image_gen_token_id, processor.image_start_token_id]
     ids += [processor.image_end_token_id, processor.null_token_id]
     assert ids == list(range(151665, 151670))
+    assert processor.tokenizer.convert_tokens_to_ids(list(CHEERS_SPECIAL_TOKENS)) == ids
     assert processor.tokenizer.pad_token_id == 151643 and processor.tokenizer.eos_token_id == 151645
     assert add_cheers_special_tokens(processor.tokenizer) == 0  # already there: nothing added twice
     assert "context_image_mask" in processor.model_input_names
@@ -285,6 +362,31 @@ def test_tokenizer_without_cheers_tokens_is_refused(golden, processor):
 def test_image_and_placeholder_mismatch(processor, images, text, message):
     with pytest.raises(ValueError, match=message):
         processor(images=images, text=text)
+
+
+@pytest.mark.parametrize(
+    "text, found",
+    [
+        ("<image><image>", "<image><image>"),
+        ("Compare <im_start><image_gen><image><im_end>.", "<image_gen><image>"),
+        (["fine", "<im_start><image><im_end> then <image><image_gen>"], "<image><image_gen>"),
+    ],
+)
+def test_adjacent_placeholders_are_refused(processor, text, found):
+    """Expanded, two adjacent placeholders are one unbroken run of image tokens: the model would see one image."""
+    index = 1 if isinstance(text, list) else 0
+    count = sum(sample.count("<image") for sample in ([text] if isinstance(text, str) else text))
+    message = rf"Prompt {index} has two image placeholders with nothing between them \('{found}'\).*single image.*"
+    message += r"Wrap each image in <im_start>...<im_end>"
+    with pytest.raises(ValueError, match=message):
+        processor(images=[PICTURE] * count, text=text)
+
+
+def test_separated_placeholders_are_two_images(processor):
+    out = processor(images=[PICTURE] * 2, text="<im_start><image><im_end><im_start><image><im_end>")
+    is_image = out["input_ids"][0] == processor.image_token_id
+    starts = is_image & ~torch.cat([torch.tensor([False]), is_image[:-1]])
+    assert int(is_image.sum()) == 2 * IMAGE_TOKENS and int(starts.sum()) == 2
 
 
 @pytest.mark.parametrize("text", ["", [], [""], None, ["ok", 3]])

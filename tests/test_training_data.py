@@ -85,6 +85,21 @@ def test_placeholders_and_images_must_agree(tmp_path):
         read_conversation_jsonl(path)
 
 
+def test_adjacent_placeholders_are_refused_at_load_time(tmp_path):
+    name = image_file(tmp_path)
+    turn = {"from": "human", "value": "<image><image>\nWhich is redder?"}
+    lines = [{"id": "glued", "image": f"{name}, {name}", "conversations": [turn, {"from": "gpt", "value": "x"}]}]
+    path = write_jsonl(tmp_path / "data.jsonl", lines)
+    with pytest.raises(
+        ValueError,
+        match=r"\(sample 'glued'\): The sample has two image placeholders with nothing between them "
+        r"\('<image><image>'\).*Wrap each image in <im_start>...<im_end>",
+    ):
+        read_conversation_jsonl(path)
+    samples, skipped = read_conversation_jsonl(path, errors="skip")
+    assert samples == [] and skipped == {"adjacent_placeholders": 1}
+
+
 def test_missing_image_file_is_named(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [{"id": "lost", "image": "nope.png", "conversations": [UND]}])
     with pytest.raises(ValueError, match=r"\(sample 'lost'\): image file '.*nope\.png' does not exist"):
@@ -121,7 +136,7 @@ def test_a_batch_shares_one_resolution(tmp_path, tiny):
         collator([dataset[0], dataset[1]])
 
 
-def test_labels_timesteps_and_context_image(synthetic, tiny):
+def test_labels_and_timesteps(synthetic, tiny):
     model, processor = tiny
     _, dataset = synthetic
     collator = CheersTrainingCollator(processor, config=model.config, guidance_dropout=0.0)
@@ -130,18 +145,42 @@ def test_labels_timesteps_and_context_image(synthetic, tiny):
     image = torch.isin(ids, torch.tensor([processor.image_token_id, processor.image_gen_token_id]))
     assert bool((labels[image] == -100).all())
     tokens = model.config.num_image_tokens
-    assert batch["context_image_mask"].sum(-1).tolist() == [0, 0, tokens]
-    assert batch["pixel_values"].shape[0] == 3 and batch["image_noise"].shape == (
-        3,
-        model.config.latent_channels,
-        4,
-        4,
-    )
+    assert image.sum(-1).tolist() == [tokens, tokens, 0]  # no context image by default
+    assert not batch["context_image_mask"].any()
+    assert batch["pixel_values"].shape[0] == 2
+    assert batch["image_noise"].shape == (2, model.config.latent_channels, 4, 4)
     t = batch["image_timesteps"]
-    assert t[0] == 1.0 and t[2] == 0.0 and 0 < t[1] < 1 and t[1] == t[1].bfloat16().float()
+    assert t[0] == 1.0 and 0 < t[1] < 1 and t[1] == t[1].bfloat16().float()
     # assistant answer labelled, user question not (except structural tokens), in the understanding row
     text = processor.tokenizer.decode(labels[0][labels[0] != -100])
     assert "assistant\n" + dataset[0]["conversations"][1]["value"] in text and "What colour" not in text
+
+
+def test_text_only_samples_match_inference_by_default(synthetic, tiny):
+    """Default: a text-only sample is tokenised exactly as the processor tokenises its prompt for inference."""
+    _, processor = tiny
+    _, dataset = synthetic
+    batch = CheersTrainingCollator(processor, guidance_dropout=0.0)([dataset[4]])
+    messages = [{"role": turn["from"], "content": turn["value"]} for turn in dataset[4]["conversations"]]
+    prompt = processor(text=processor.apply_chat_template(messages))
+    assert torch.equal(batch["input_ids"], prompt["input_ids"]) and "pixel_values" not in batch
+    assert not batch["context_image_mask"].any()
+
+
+def test_official_black_context_image_on_request(synthetic, tiny):
+    """text_only_black_context_image=True reproduces the official batches: a black image at t = 0 before the text."""
+    model, processor = tiny
+    _, dataset = synthetic
+    collator = CheersTrainingCollator(
+        processor, config=model.config, guidance_dropout=0.0, text_only_black_context_image=True
+    )
+    batch = collator([dataset[0], dataset[2], dataset[4]])
+    tokens = model.config.num_image_tokens
+    assert batch["context_image_mask"].sum(-1).tolist() == [0, 0, tokens]
+    assert batch["context_image_mask"][2, :tokens].all()  # right padding: the context image opens the row
+    assert batch["pixel_values"].shape[0] == 3 and batch["image_noise"].shape[0] == 3
+    assert (batch["pixel_values"][2] == 0).all() and batch["image_timesteps"][2] == 0.0
+    assert (batch["labels"][2, :tokens] == -100).all()
 
 
 def test_guidance_dropout_replaces_the_prompt_of_generation_samples(synthetic, tiny):

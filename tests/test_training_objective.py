@@ -109,7 +109,9 @@ def test_collator_reproduces_official_batches(golden, tmp_path):
     """jsonl -> dataset -> collator gives the official process_sample + collator batches (expanded)."""
     processor = CheersProcessor.from_official_checkpoint(golden.checkpoint)
     dataset = load_conversation_dataset(golden_jsonl(golden, tmp_path))
-    collator = CheersTrainingCollator(processor, guidance_dropout=0.0, pixel_dtype=torch.bfloat16)
+    collator = CheersTrainingCollator(
+        processor, guidance_dropout=0.0, pixel_dtype=torch.bfloat16, text_only_black_context_image=True
+    )
     inputs = golden.inputs(CASE)
     config = CheersConfig(vision_config={"image_size": 128})  # 16 tokens per image, the official token ids
     for subrun, rows in (("a_und", [0]), ("b_gen", [1]), ("c_text", [2]), ("d_batch_und_gen", [0, 1])):

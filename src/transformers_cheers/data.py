@@ -25,7 +25,9 @@ What the collator reproduces from the official training (`train_cheers.process_s
   everywhere; image tokens never are. (The model then shifts and rewrites them, see `transformers_cheers.training`.)
 * images: `<image>` is letterboxed with t = 1; `<image_gen>` is centre-cropped with t ~ U(0, 1) clamped to
   [1e-6, 1 - 1e-6]; t is rounded to bf16 (the official pixel dtype), so draws above ~0.999 become 1 (target 0);
-* a sample without images gets a black context image at t = 0 in front of its text (the official dummy prefix);
+* with `text_only_black_context_image=True` (off by default, like the processor and the pipelines), a sample
+  without images gets a black context image at t = 0 in front of its text: the official dummy prefix, which
+  reproduces the official training batches;
 * guidance dropout: with probability `guidance_dropout` (official `cfg_data_rate`, 0.2) a sample containing
   `<image_gen>` has every input token except `<image>`, `<image_gen>`, `<im_start>`, `<im_end>` replaced by
   `<no_mean>`; its labels are kept;
@@ -33,7 +35,8 @@ What the collator reproduces from the official training (`train_cheers.process_s
 
 Differences, deliberately: a missing or unreadable image file is an error (the official code silently trains on a
 black image), so is a sample whose placeholders and images disagree (the official code crashes later or
-mis-assigns images), and sequences are never truncated (the official code keeps the last 8192 tokens, which can cut
+mis-assigns images), so are two placeholders with nothing between them (`<image><image>`, which the model would
+read as one image), and sequences are never truncated (the official code keeps the last 8192 tokens, which can cut
 an image in half). Bad lines: `errors="raise"` (default) stops at the first bad line with its line number;
 `errors="skip"` skips bad lines, counts them per reason and logs the count.
 
@@ -53,13 +56,23 @@ import torch
 from transformers.utils import logging
 
 from .image_processing_cheers import load_image_file
-from .processing_cheers import DEFAULT_SYSTEM_PROMPT
+from .prompting import (
+    DEFAULT_SYSTEM_PROMPT,
+    IMAGE_GEN_TOKEN,
+    IMAGE_TOKEN,
+    TURN_END,
+    TURN_START,
+    adjacent_placeholder_pattern,
+    adjacent_placeholders_message,
+    find_placeholders,
+    render_training_conversation,
+    unconditional_input_ids,
+)
 
 
 logger = logging.get_logger(__name__)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-IMAGE_PLACEHOLDERS = ("<image>", "<image_gen>")
 TIMESTEP_EPSILON = 1e-6
 
 
@@ -89,19 +102,14 @@ def parse_image_field(value) -> list[str]:
 
 def placeholders_in(conversations: list[dict]) -> list[str]:
     """The image placeholders of a conversation, in order."""
-    found = []
-    for turn in conversations:
-        text = turn["value"]
-        index = 0
-        while True:
-            positions = [(text.find(token, index), token) for token in ("<image_gen>", "<image>")]
-            positions = [(at, token) for at, token in positions if at >= 0]
-            if not positions:
-                break
-            at, token = min(positions)
-            found.append(token)
-            index = at + len(token)
-    return found
+    return [token for turn in conversations for token in find_placeholders(turn["value"])]
+
+
+def adjacent_placeholders_in(conversations: list[dict]) -> str | None:
+    """The first `<image><image>`-like pair of a conversation (two placeholders with nothing between them), if any."""
+    pattern = adjacent_placeholder_pattern()
+    matches = (pattern.search(turn["value"]) for turn in conversations)
+    return next((match.group() for match in matches if match), None)
 
 
 def normalize_sample(
@@ -132,6 +140,9 @@ def normalize_sample(
         images = parse_image_field(record.get("image"))
     except TypeError as error:
         raise SampleError(where, "malformed", str(error)) from None
+    adjacent = adjacent_placeholders_in(turns)
+    if adjacent:
+        raise SampleError(where, "adjacent_placeholders", adjacent_placeholders_message("The sample", adjacent))
     placeholders = placeholders_in(turns)
     if len(placeholders) != len(images):
         raise SampleError(
@@ -176,7 +187,7 @@ def read_conversation_jsonl(
     """Read and validate an official-format jsonl file.
 
     Returns the samples and a `Counter` of skipped lines per reason (`malformed`, `image_mismatch`,
-    `missing_image`, `bad_resolution`; empty with `errors="raise"`). Blank lines are ignored.
+    `missing_image`, `bad_resolution`, `adjacent_placeholders`; empty with `errors="raise"`). Blank lines are ignored.
     """
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}.")
@@ -264,8 +275,10 @@ class CheersTrainingCollator:
         timestep_dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): t is rounded to this dtype, as
             the official training (bf16 pixel values) does; None keeps fp32.
         pixel_dtype (`torch.dtype`, *optional*): the official training stores pixels as bf16; default fp32.
-        text_only_context_image (`bool`, defaults to True): a sample without images gets the black context image at
-            t = 0 (official); without it such samples have no image loss.
+        text_only_black_context_image (`bool`, defaults to False): reproduces the official training batches: a
+            sample without images gets a black context image at t = 0 in front of its text (the official dummy
+            prefix), which also enters the image loss. Off by default, so that text-only samples are trained as
+            the processor and the pipelines prompt them at inference (no context image).
         padding_side (`str`, defaults to `"right"`): as the official collator.
         seed (`int`): base of the per-sample randomness; `set_epoch` changes the draws every epoch.
         max_length (`int`, *optional*): longest accepted sequence (after image expansion); longer samples raise.
@@ -277,7 +290,7 @@ class CheersTrainingCollator:
     guidance_dropout: float = 0.2
     timestep_dtype: torch.dtype | None = torch.bfloat16
     pixel_dtype: torch.dtype | None = None
-    text_only_context_image: bool = True
+    text_only_black_context_image: bool = False
     padding_side: str = "right"
     seed: int = 0
     max_length: int | None = None
@@ -293,25 +306,18 @@ class CheersTrainingCollator:
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}.")
         tokenizer = self.processor.tokenizer
-        self.turn_start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        self.turn_start_id = tokenizer.convert_tokens_to_ids(TURN_START)
         newline = tokenizer.encode("\n", add_special_tokens=False)
         structural = [
             self.turn_start_id,
-            tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            tokenizer.convert_tokens_to_ids(TURN_END),
             self.processor.image_start_token_id,
             self.processor.image_end_token_id,
             self.processor.null_token_id,
         ] + (newline if len(newline) == 1 else [])
         self.structural_ids = torch.tensor(structural)
         self.image_ids = torch.tensor([self.processor.image_token_id, self.processor.image_gen_token_id])
-        self.dropout_kept_ids = torch.tensor(
-            [
-                self.processor.image_token_id,
-                self.processor.image_gen_token_id,
-                self.processor.image_start_token_id,
-                self.processor.image_end_token_id,
-            ]
-        )
+        self.dropout_kept_ids = self.processor.unconditional_kept_token_ids
 
     def set_epoch(self, epoch: int) -> None:
         """New random draws (t, noise, dropout) for every epoch; call before iterating the data loader."""
@@ -326,10 +332,7 @@ class CheersTrainingCollator:
         return resolution
 
     def render(self, conversations: list[dict]) -> str:
-        text = f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"
-        for turn in conversations:
-            text += f"<|im_start|>{turn['from']}\n{turn['value'].strip()}<|im_end|>\n"
-        return text
+        return render_training_conversation(conversations, self.system_prompt)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         resolutions = {sample.get("resolution") or self.resolution for sample in samples}
@@ -351,18 +354,18 @@ class CheersTrainingCollator:
             images.append([self.load_image(path, sample) for path in sample["images"]])
             sample_timesteps = []
             for token in placeholders_in(conversations):
-                if token == "<image>":
+                if token == IMAGE_TOKEN:
                     sample_timesteps.append(1.0)
                 else:
                     draw = float(torch.rand(1, generator=generator))
                     sample_timesteps.append(min(max(draw, TIMESTEP_EPSILON), 1 - TIMESTEP_EPSILON))
             context = None
-            if not sample_timesteps and self.text_only_context_image:
+            if not sample_timesteps and self.text_only_black_context_image:
                 context = PIL.Image.new("RGB", (512, 512))  # the official black dummy (letterboxed to resolution)
                 sample_timesteps.append(0.0)
             contexts.append(context)
             timesteps.extend(sample_timesteps)
-            has_generation = "<image_gen>" in placeholders_in(conversations)
+            has_generation = IMAGE_GEN_TOKEN in placeholders_in(conversations)
             dropped.append(has_generation and float(torch.rand(1, generator=generator)) < self.guidance_dropout)
 
         kwargs = {"padding_side": self.padding_side, "resolution": resolution}
@@ -383,9 +386,10 @@ class CheersTrainingCollator:
             [self.labels_for(row, mask, sample) for row, mask, sample in zip(input_ids, attention_mask, samples)]
         )
         for row, drop in enumerate(dropped):
-            if drop:
-                keep = torch.isin(input_ids[row], self.dropout_kept_ids) | ~attention_mask[row]
-                input_ids[row] = torch.where(keep, input_ids[row], self.processor.null_token_id)
+            if drop:  # the sample becomes its own unconditional prompt, as at inference with guidance
+                input_ids[row] = unconditional_input_ids(
+                    input_ids[row], attention_mask[row], self.dropout_kept_ids, self.processor.null_token_id
+                )
 
         output = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "labels": labels}
         context_mask = batch.get("context_image_mask")
@@ -409,7 +413,7 @@ class CheersTrainingCollator:
         grid = resolution // self.config.vision_config.patch_size
         noise = []
         for sample, generator in zip(samples, generators):
-            count = max(len(sample["images"]), 1 if self.text_only_context_image else 0)
+            count = max(len(sample["images"]), 1 if self.text_only_black_context_image else 0)
             noise.append(torch.randn(count, self.config.latent_channels, grid, grid, generator=generator))
         return torch.cat(noise)
 

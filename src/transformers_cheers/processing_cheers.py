@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -13,31 +12,21 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .image_processing_cheers import CheersImageProcessor, flatten_images
-
-
-# The official code adds these in this order; on the official Qwen2 vocabulary they get ids 151665..151669.
-CHEERS_SPECIAL_TOKENS = ("<image>", "<image_gen>", "<im_start>", "<im_end>", "<no_mean>")
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-# Qwen2 ChatML as in the official tokenizer_config, plus list content: an image item renders as the official
-# "<im_start><image><im_end>\n" layout. Literal text sits in {{ }} so Jinja's trim_blocks cannot eat newlines.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{{ '<im_start><image><im_end>\n' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}"
-    "{% else %}{{ raise_exception('Cheers messages hold only image and text items, got ' + item['type']) }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+from .prompting import (
+    CHAT_TEMPLATE,
+    CHEERS_SPECIAL_TOKENS,
+    IMAGE_END_TOKEN,
+    IMAGE_GEN_TOKEN,
+    IMAGE_START_TOKEN,
+    IMAGE_TOKEN,
+    NULL_TOKEN,
+    adjacent_placeholder_pattern,
+    adjacent_placeholders_message,
+    find_placeholders,
+    placeholder_pattern,
+    unconditional_input_ids,
 )
+
 
 PLACEHOLDER_FIX = (
     "Every image placeholder needs exactly one image, in order: write `<im_start><image><im_end>` in the text for "
@@ -80,11 +69,11 @@ class CheersProcessor(ProcessorMixin):
         image_processor,
         tokenizer,
         chat_template: str | None = None,
-        image_token: str = "<image>",
-        image_gen_token: str = "<image_gen>",
-        image_start_token: str = "<im_start>",
-        image_end_token: str = "<im_end>",
-        null_token: str = "<no_mean>",
+        image_token: str = IMAGE_TOKEN,
+        image_gen_token: str = IMAGE_GEN_TOKEN,
+        image_start_token: str = IMAGE_START_TOKEN,
+        image_end_token: str = IMAGE_END_TOKEN,
+        null_token: str = NULL_TOKEN,
     ):
         self.image_token = image_token
         self.image_gen_token = image_gen_token
@@ -97,7 +86,8 @@ class CheersProcessor(ProcessorMixin):
         )
         self.null_token_id = self._token_id(null_token)
         self.resize_modes = {image_token: "letterbox", image_gen_token: "center_crop"}
-        self.placeholder_pattern = re.compile(f"{re.escape(image_gen_token)}|{re.escape(image_token)}")
+        self.placeholder_pattern = placeholder_pattern(image_token, image_gen_token)
+        self.adjacent_placeholder_pattern = adjacent_placeholder_pattern(image_token, image_gen_token)
 
     @classmethod
     def from_official_checkpoint(cls, folder: str | os.PathLike, **kwargs) -> "CheersProcessor":
@@ -162,7 +152,8 @@ class CheersProcessor(ProcessorMixin):
         """
         texts = self._prompt_texts(text, generation_mode)
         output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
-        placeholders = [self.placeholder_pattern.findall(sample) for sample in texts]
+        self._check_placeholders_apart(texts)
+        placeholders = [find_placeholders(sample, self.placeholder_pattern) for sample in texts]
         row_images = self._images_per_prompt(placeholders, images)
         contexts = self._contexts_per_prompt(context_image, len(texts))
 
@@ -196,6 +187,13 @@ class CheersProcessor(ProcessorMixin):
             raise ValueError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}.")
         # the official text-to-image prompt ends with <im_start> right after "<|im_start|>assistant\n"
         return [sample + self.image_start_token for sample in text] if generation_mode == "image" else list(text)
+
+    def _check_placeholders_apart(self, texts: list[str]) -> None:
+        """Refuse `<image><image>`: expanded, two adjacent images are one run of image tokens, i.e. one image block."""
+        for index, sample in enumerate(texts):
+            match = self.adjacent_placeholder_pattern.search(sample)
+            if match:
+                raise ValueError(adjacent_placeholders_message(f"Prompt {index}", match.group()))
 
     def _images_per_prompt(self, placeholders: list[list[str]], images) -> list[list]:
         """Split `images` into one list per prompt, one image per placeholder, checking the counts."""
@@ -296,6 +294,11 @@ class CheersProcessor(ProcessorMixin):
             masks.append(is_image & (np.cumsum(is_image) <= size))
         return masks
 
+    @property
+    def unconditional_kept_token_ids(self) -> tuple[int, ...]:
+        """The tokens an unconditional prompt keeps: both image placeholders, `<im_start>` and `<im_end>`."""
+        return (self.image_token_id, self.image_gen_token_id, self.image_start_token_id, self.image_end_token_id)
+
     def build_unconditional_inputs(self, inputs) -> BatchFeature:
         """
         The classifier-free-guidance counterpart of `inputs` (a processor output): same length, attention mask and
@@ -305,13 +308,9 @@ class CheersProcessor(ProcessorMixin):
         never sees `<image_gen>` at inference, `<image_gen>` tokens are kept too so images and placeholders stay
         matched.
         """
-        input_ids = torch.as_tensor(inputs["input_ids"])
-        attention_mask = torch.as_tensor(inputs["attention_mask"])
-        kept_ids = torch.tensor(
-            [self.image_token_id, self.image_gen_token_id, self.image_start_token_id, self.image_end_token_id]
-        )
-        keep = torch.isin(input_ids, kept_ids) | (attention_mask == 0)
-        return BatchFeature({**inputs, "input_ids": torch.where(keep, input_ids, self.null_token_id)})
+        kept = self.unconditional_kept_token_ids
+        input_ids = unconditional_input_ids(inputs["input_ids"], inputs["attention_mask"], kept, self.null_token_id)
+        return BatchFeature({**inputs, "input_ids": input_ids})
 
     def postprocess(self, images, output_type: str = "pil"):
         """Generated images in [0, 1] to PIL / numpy / torch; see `CheersImageProcessor.postprocess`."""
@@ -356,8 +355,8 @@ def official_dummy_image(seed: int | None = None, size: int = 256) -> PIL.Image.
     return PIL.Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8))
 
 
-# A saved folder carries this file and image_processing_cheers.py (its only relative import) plus an auto_map entry,
-# so AutoProcessor loads it with trust_remote_code where this package is not installed.
+# A saved folder carries this file and its relative imports (image_processing_cheers.py, prompting.py; save_pretrained
+# copies them) plus an auto_map entry, so AutoProcessor loads it with trust_remote_code without this package.
 CheersProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = ["CheersProcessor", "add_cheers_special_tokens", "official_dummy_image"]
