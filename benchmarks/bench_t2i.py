@@ -29,7 +29,7 @@ from bench_understanding import PeakMemory
 
 
 PROMPT = "A red apple on a wooden table."
-TOKENIZER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "golden" / "checkpoint"
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden" / "checkpoint"
 
 
 def draw_official_noise(shape, dtype, guided: bool):

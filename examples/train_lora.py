@@ -12,8 +12,8 @@ installed (that is how Accelerate 1.x launches multi-CPU jobs); the script warns
 `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 examples/train_lora.py`.
 
 The objective is the official one (`model(**batch).loss` = text cross-entropy + flow-matching MSE, see
-`transformers_cheers.training`); batches come from `transformers_cheers.data` (guidance dropout, t sampling, black
-context image for text-only samples). Every `--checkpoint-every` optimizer steps the full training state is saved
+`transformers_cheers.training`); batches come from `transformers_cheers.data` (guidance dropout, t sampling; text-only
+samples get no context image, as at inference). Every `--checkpoint-every` optimizer steps the full training state is saved
 (`accelerator.save_state`: LoRA weights or the model, optimizer, scheduler, RNG, step) under
 `OUTPUT/checkpoint-STEP`; `--resume latest` (or a folder) continues from it with the same data order and random draws.
 Losses (total, text, image) and the learning rate go to Accelerate's trackers: TensorBoard when installed, plus a
