@@ -236,3 +236,9 @@ def test_encode_prompt_works_with_keywords_alone(tiny):
     )
     cache, mask, branches = pipe.encode_prompt(prompt="a red square", do_classifier_free_guidance=True)
     assert branches == 2 and mask.shape[0] == 2 and cache.get_seq_length() == mask.shape[1]
+
+
+def test_the_frozen_vae_has_no_trainable_parameters(tiny):
+    """test_training_gradient_checkpointing: every parameter that requires grad gets one (the VAE never does)."""
+    assert not any(parameter.requires_grad for parameter in tiny[0].model.vae.parameters())
+    assert all(parameter.requires_grad for parameter in tiny[0].model.vae_decoder_projector.parameters())

@@ -29,6 +29,7 @@ from transformers.modeling_outputs import (
     MultimodalBaseModelOutputWithPast,
     MultimodalCausalLMOutputWithPast,
 )
+from transformers.modeling_rope_utils import dynamic_rope_update
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
@@ -139,6 +140,7 @@ class CheersTextRotaryEmbedding(Qwen2RotaryEmbedding):
         self.round_to_compute_dtype = round_to_compute_dtype
 
     @torch.no_grad()
+    @dynamic_rope_update  # keeps "dynamic" / "longrope" scaling working, as in Qwen2's own rotary embedding
     def forward(self, x, position_ids):
         return rope_cos_sin(
             self.inv_freq, position_ids, x.dtype, self.round_to_compute_dtype, scaling=self.attention_scaling
@@ -212,6 +214,7 @@ class CheersModel(CheersPreTrainedModel):
         super().__init__(config)
         # 1. vision tokenizer
         self.vae = AutoencoderKLFlux2(**config.vae_config)
+        self.vae.requires_grad_(False)  # frozen in every training stage (and so never a DDP "unused parameter")
         self.vae_decoder_projector = CheersDecoderProjector(config)
         for batch_norm in (self.vae.bn, self.vae_decoder_projector.bn):
             batch_norm.float()  # whatever the default dtype the model is built under
@@ -705,12 +708,14 @@ class CheersForConditionalGeneration(CheersPreTrainedModel, GenerationMixin):
             image_velocity_targets=losses.image_velocity_targets if losses is not None else None,
         )
 
-    def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, is_first_iteration=False, **kwargs):
         # Image inputs matter for the prompt (prefill) only; later steps feed text tokens through the cache.
         if not is_first_iteration and kwargs.get("use_cache", True):
             for key in ("image_latents", "context_image_mask", "mm_encoder_outputs", "image_grid_hw"):
                 kwargs.pop(key, None)
-        return super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        return super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
 
 
 CheersConfig.register_for_auto_class()
