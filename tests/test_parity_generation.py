@@ -4,6 +4,8 @@ import pytest
 import torch
 from conftest import PRECISIONS, assert_close_rel_l2, expand_official_ids, tolerance_for
 
+from transformers_cheers.prompting import unconditional_input_ids
+
 
 def prompt_batch(golden, model, case):
     """Official T2I prompt (dummy context image, ends with <im_start>); with CFG the <no_mean> prompt is row 2."""
@@ -14,10 +16,8 @@ def prompt_batch(golden, model, case):
     )
     pixels = inputs["inputs/pixel_values"]
     if case == "case4a_t2i_cfg":
-        kept = (
-            (ids == config.image_start_token_id) | (ids == config.image_end_token_id) | (ids == config.image_token_id)
-        )
-        unconditional = torch.where(kept, ids, torch.full_like(ids, config.null_token_id))
+        kept = (config.image_start_token_id, config.image_end_token_id, config.image_token_id)
+        unconditional = unconditional_input_ids(ids, mask, kept, config.null_token_id)
         ids, mask, context = torch.cat([ids, unconditional]), mask.repeat(2, 1), context.repeat(2, 1)
         pixels = pixels.repeat(2, 1, 1, 1)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "context_image_mask": context}
