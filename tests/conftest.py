@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_python_without_the_package(code: str, cwd) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where `import transformers_cheers` fails (as for a remote-code user)."""
+    blocked = "import sys\nsys.modules['transformers_cheers'] = None  # importing our package would fail\n"
+    return subprocess.run(
+        [sys.executable, "-c", blocked + code],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )

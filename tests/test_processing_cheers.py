@@ -1,13 +1,10 @@
 """CheersProcessor: chat template, official parity (cases 2-5), generation and CFG prompts, bad inputs, save/load."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import run_python_without_the_package
 from transformers import Qwen2Tokenizer
 
 from transformers_cheers.processing_cheers import CheersProcessor, add_cheers_special_tokens, official_dummy_image
@@ -295,8 +292,6 @@ def test_saved_folder_loads_with_remote_code_without_the_package(processor, tmp_
     text = "<im_start><image><im_end> hi"
     expected = processor(images=[PICTURE], text=text)["input_ids"][0].tolist()
     code = (
-        "import sys\n"
-        "sys.modules['transformers_cheers'] = None  # importing our package would fail\n"
         "import PIL.Image\n"
         "from transformers import AutoProcessor\n"
         f"processor = AutoProcessor.from_pretrained({str(tmp_path / 'processor')!r}, trust_remote_code=True)\n"
@@ -308,13 +303,7 @@ def test_saved_folder_loads_with_remote_code_without_the_package(processor, tmp_
         "except ValueError as error:\n"
         "    print(str(error).split('.')[0])\n"
     )
-    run = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    run = run_python_without_the_package(code, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     ids, refusal = run.stdout.strip().splitlines()[-2:]
     assert ids == str(expected)
