@@ -20,16 +20,29 @@ from conftest import PRECISIONS, assert_close_rel_l2, expand_official_ids, toler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from transformers_cheers import CheersForConditionalGeneration
+from transformers_cheers import CheersConfig, CheersForConditionalGeneration
 from transformers_cheers.conversion import (
+    FLOAT32_REORDERING_ULPS,
+    ROUNDING_FLIP_ULPS,
     ConversionError,
+    VerificationError,
+    compare_outputs,
     convert_official_checkpoint,
     logits_and_velocity,
     max_abs_diff,
+    output_tolerance,
     tensor_fingerprints,
     verification_inputs,
 )
-from transformers_cheers.official_checkpoint import DROPPED_TENSORS
+from transformers_cheers.official_checkpoint import (
+    DROPPED_TENSORS,
+    OfficialCheckpointError,
+    convert_official_folder,
+    load_official_checkpoint,
+    native_to_official_state_dict,
+    official_config,
+    write_official_config,
+)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,16 +62,46 @@ def load_script(path: Path):
 convert_cli = load_script(SCRIPT)
 
 
+# What the `converted` fixture's conversion asked of the system temp dir (filled by the fixture).
+SYSTEM_TEMP_USE: dict[str, list] = {}
+
+
+@contextlib.contextmanager
+def watched_system_temp_dir(folder: Path):
+    """Point the system temp dir (tempfile and $TMPDIR) at `folder` and record every caller that asks for it."""
+    import tempfile
+    import traceback
+
+    folder.mkdir()
+    callers = []
+
+    def gettempdir():
+        callers.append("".join(traceback.format_stack(limit=6)))
+        return str(folder)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(folder))
+        patch.setattr(tempfile, "tempdir", str(folder))
+        patch.setattr(tempfile, "gettempdir", gettempdir)
+        yield callers
+
+
 @pytest.fixture(scope="module")
 def converted(golden, tmp_path_factory):
     """The golden official checkpoint converted by the CLI (bf16, 2 shards, verification on, + a diffusers
-    pipeline folder next to it). Returns (folder, printed report); the pipeline folder is folder.parent / "pipeline".
+    pipeline folder next to it), with the system temp dir watched. Returns (folder, printed report); the pipeline
+    folder is folder.parent / "pipeline".
     """
-    output = tmp_path_factory.mktemp("converted") / "cheers-hf"
+    root = tmp_path_factory.mktemp("converted")
+    output = root / "cheers-hf"
     stdout, stderr = io.StringIO(), io.StringIO()
     args = ["--input", golden.checkpoint, "--output", output, "--max-shard-size", SHARD_SIZE, "--quiet"]
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = convert_cli.main([str(arg) for arg in [*args, "--pipeline-output", output.parent / "pipeline"]])
+    with watched_system_temp_dir(root.parent / f"{root.name}-system-temp") as callers:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = convert_cli.main([str(arg) for arg in [*args, "--pipeline-output", output.parent / "pipeline"]])
+    system_temp = root.parent / f"{root.name}-system-temp"
+    files = [str(path) for path in system_temp.rglob("*") if not is_empty_torch_cache_dir(path)]
+    SYSTEM_TEMP_USE.update(callers=callers, files=files)
     assert code == 0, stderr.getvalue()[-3000:]
     return output, stdout.getvalue()
 
@@ -123,7 +166,16 @@ def test_cli_report_on_the_golden_checkpoint(converted, golden):
     assert "2 shard(s)" in report and "model-00001-of-00002.safetensors" in report
     assert "kept in float32: model.vae.bn.running_mean, model.vae.bn.running_var, " in report
     assert "temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05" in report
-    assert "490 tensors bit-identical, logits max abs diff 0, velocity max abs diff 0: OK" in report
+    verification = re.search(
+        r"verification \(bfloat16, (.*)\): 490 tensors bit-identical, config equal; (.*): OK", report
+    )
+    assert verification, report
+    assert (
+        verification.group(1) == "converted folder vs the same weights loaded from the official layout by this package"
+    )
+    errors = [float(value) for value in re.findall(r"relative L2 ([0-9.e+-]+)", verification.group(2))]
+    assert len(errors) == 3 and errors[2] == pytest.approx(output_tolerance(torch.bfloat16), rel=1e-2)
+    assert max(errors[:2]) <= errors[2]
     assert f"diffusers pipeline: {folder.parent / 'pipeline'} (image max abs diff 0)" in report
     assert sorted(path.name for path in folder.parent.iterdir()) == ["cheers-hf", "pipeline"]  # no staging left
 
@@ -660,7 +712,7 @@ def test_verification_mismatch_exits_3_and_writes_nothing(golden, tmp_path, caps
     def outputs(model, inputs):
         calls.append(type(model).__name__)
         differs = broken == "outputs" and len(calls) == 2
-        return torch.zeros(1, 3), torch.full((1, 4), 0.5 if differs else 0.0)
+        return torch.ones(1, 3), torch.full((1, 4), 1.5 if differs else 1.0)
 
     original = conversion.load_official_checkpoint
 
@@ -679,10 +731,262 @@ def test_verification_mismatch_exits_3_and_writes_nothing(golden, tmp_path, caps
         assert "loads 1 tensor(s) that differ from the unconverted weights (value, dtype or presence), e.g. " in err
         assert "model.detail_head.final_layer.proj_out.bias" in err and calls == ["CheersForConditionalGeneration"]
     else:
-        assert "does not reproduce the unconverted weights: max abs diff {'logits': 0.0, 'velocity': 0.5}" in err
+        assert "does not reproduce the unconverted weights: logits relative L2 0, logits max abs diff 0, " in err
+        assert "velocity relative L2 0.333, velocity max abs diff 0.5 (allowed relative L2 0.0313 in bfloat16)" in err
         assert calls == ["CheersForConditionalGeneration"] * 2
     assert left_behind(tmp_path) == []
 
 
 def test_drop_table_lists_only_the_tied_head_and_the_pooling_head():
     assert len(DROPPED_TENSORS) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_output_tolerance_passes_reordering_noise_and_refuses_more(dtype):
+    """64 float32 eps, plus 4 eps of a half dtype: within it passes, twice it fails (see output_tolerance)."""
+    tolerance = output_tolerance(dtype)
+    expected = FLOAT32_REORDERING_ULPS * torch.finfo(torch.float32).eps
+    if dtype != torch.float32:
+        expected += ROUNDING_FLIP_ULPS * torch.finfo(dtype).eps
+    assert tolerance == pytest.approx(expected)
+    reference = torch.randn(2, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    direction = torch.randn(2, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    direction *= reference.norm() / direction.norm()
+    near = reference + 0.5 * tolerance * direction
+    result = compare_outputs((near, near), (reference, reference), dtype)
+    assert result["logits relative L2"] == pytest.approx(0.5 * tolerance)
+    far = reference + 2 * tolerance * direction
+    with pytest.raises(VerificationError, match=r"logits relative L2 .* \(allowed relative L2 "):
+        compare_outputs((far, reference), (reference, reference), dtype)
+    with pytest.raises(VerificationError, match="non-finite outputs"):
+        compare_outputs((reference, reference * float("nan")), (reference, reference * float("nan")), dtype)
+
+
+def test_a_config_field_lost_in_config_json_fails_verification(golden, tmp_path, capsys, monkeypatch):
+    import transformers_cheers.conversion as conversion
+
+    original = conversion.load_official_checkpoint
+
+    def official(folder, dtype):
+        model = original(folder, dtype)
+        model.config.head_rope_theta = 123.0  # as if config.json had lost the official value
+        return model
+
+    monkeypatch.setattr(conversion, "load_official_checkpoint", official)
+    code, err = run_cli(capsys, "--input", golden.checkpoint, "--output", tmp_path / "native", "--quiet")
+    assert code == 3 and "config.json differs from the official config in ['head_rope_theta']" in err, err
+    assert left_behind(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Another configuration: an official checkpoint written from a random native model (inverse key mapping)
+# --------------------------------------------------------------------------------------------------------------------
+
+OTHER_CONFIG = {  # unlike the golden one: 3 layers, multi-query attention, rope_theta 1e4, 96 px, VAE channel changes
+    "text_config": {
+        "vocab_size": 151680,  # the official token ids (151665..151669) must exist
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "rope_theta": 1e4,
+        "max_position_embeddings": 4096,
+    },
+    "vision_config": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 96,
+        "patch_size": 16,
+    },
+    "vae_config": {"block_out_channels": [32, 64, 64, 64], "layers_per_block": 1, "latent_channels": 8},
+}
+
+
+def random_native_model(config: CheersConfig, seed: int) -> CheersForConditionalGeneration:
+    """Random weights everywhere, the zero-initialised modulations and the BatchNorm statistics included."""
+    torch.manual_seed(seed)
+    model = CheersForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".modulation." in name or "detail_gate.gate.2." in name:
+                parameter.normal_(0.0, 0.02)
+        for norm in (model.model.vae.bn, model.model.vae_decoder_projector.bn):
+            norm.running_mean.normal_(0.0, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def other_official(golden, tmp_path_factory):
+    """(official folder, the native model it was written from): float32 weights, the golden tokenizer files."""
+    folder = tmp_path_factory.mktemp("other") / "official"
+    folder.mkdir()
+    model = random_native_model(CheersConfig(**OTHER_CONFIG), seed=1)
+    official = native_to_official_state_dict(model.state_dict(), model.config)
+    save_file(official, folder / "model.safetensors", metadata={"format": "pt"})
+    write_official_config(model.config, folder)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(golden.checkpoint / name, folder / name)
+    preprocessor = json.loads((golden.checkpoint / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "scale_resolution": 96}))
+    return folder, model
+
+
+def test_official_config_writer_uses_the_official_field_names(other_official):
+    folder, model = other_official
+    written = json.loads((folder / "config.json").read_text())
+    assert written["model_type"] == "umm"
+    assert written["text_config"]["num_key_value_heads"] == 1 and written["text_config"]["rope_theta"] == 1e4
+    assert written["vision_representation_config"]["image_size"] == 96
+    assert written["vae_encoder_config"] == {
+        "resolution": 96,
+        "in_channels": 3,
+        "ch": 32,
+        "ch_mult": [1, 2, 2, 2],
+        "num_res_blocks": 1,
+        "z_channels": 8,
+    }
+    assert written["vae_decoder_config"]["out_ch"] == 3 and written["vae_decoder_config"]["ch_mult"] == [1, 2, 2, 2]
+
+
+def test_a_config_without_official_form_is_refused():
+    config = CheersConfig(**OTHER_CONFIG, head_rope_theta=500.0)
+    with pytest.raises(OfficialCheckpointError, match=r"no official form: .*cannot express \['head_rope_theta'\]"):
+        official_config(config)
+
+
+def test_native_to_official_round_trips_bit_for_bit(other_official):
+    """official -> native (the converter's one reader) of the written checkpoint gives the native tensors back."""
+    folder, model = other_official
+    converted = convert_official_folder(folder, torch.float32)
+    expected = {key: value for key, value in model.state_dict().items() if key != "lm_head.weight"}
+    assert list(converted.state_dict) == list(expected)
+    for key, tensor in expected.items():
+        assert converted.state_dict[key].dtype == tensor.dtype and torch.equal(converted.state_dict[key], tensor), key
+    assert converted.dropped == {"lm_head.weight": DROPPED_TENSORS[r"^lm_head\.weight$"]}
+    assert tensor_fingerprints(load_official_checkpoint(folder)) == tensor_fingerprints(model)
+
+
+def test_native_to_official_gives_the_golden_file_back(golden):
+    """The inverse mapping against real official names: every golden tensor but the unused pooling head."""
+    converted = convert_official_folder(golden.checkpoint, torch.bfloat16)
+    official = load_file(golden.checkpoint / "model.safetensors")
+    expected = {
+        key: value for key, value in official.items() if not key.startswith("model.vision_representation.head.")
+    }
+    written = native_to_official_state_dict(converted.state_dict, converted.config)
+    assert sorted(written) == sorted(expected)
+    for key, tensor in expected.items():
+        # the native model keeps the BatchNorm statistics in float32 (exact for the stored bfloat16 values)
+        dtype = torch.float32 if key.endswith(("bn.running_mean", "bn.running_var")) else tensor.dtype
+        assert written[key].dtype == dtype and torch.equal(written[key], tensor.to(dtype)), key
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cli_converts_another_configuration_with_verification(other_official, tmp_path, capsys, dtype):
+    folder, model = other_official
+    code = convert_cli.main(
+        ["--input", str(folder), "--output", str(tmp_path / "native"), "--dtype", dtype, "--quiet"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    print(captured.out)  # the report, visible with pytest -s
+    assert re.search(rf"verification \({dtype}, .*\): 508 tensors bit-identical, config equal; .*: OK", captured.out)
+    assert "image processor (resolution 96, patch 16)" in captured.out
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    text = config["text_config"]
+    assert (text["num_hidden_layers"], text["num_key_value_heads"], text["rope_parameters"]["rope_theta"]) == (
+        3,
+        1,
+        1e4,
+    )
+    assert config["vision_config"]["image_size"] == 96
+
+
+def test_load_official_checkpoint_is_strict(golden, monkeypatch):
+    """Only the tied lm_head may be absent from the converted tensors; anything else missing is an error."""
+    import transformers_cheers.official_checkpoint as official_checkpoint
+
+    original = official_checkpoint.convert_official_folder
+
+    def incomplete(folder, dtype, **kwargs):
+        result = original(folder, dtype, **kwargs)
+        del result.state_dict["model.detail_gate.layer_norm.bias"]
+        return result
+
+    monkeypatch.setattr(official_checkpoint, "convert_official_folder", incomplete)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"model.detail_gate.layer_norm.bias\""):
+        load_official_checkpoint(golden.checkpoint)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Staging: next to the output only, leftovers of killed runs cleaned up
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_nothing_is_written_to_the_system_temp_dir(converted):
+    """The fixture's full conversion (verification and pipeline folder included) ran with the temp dir watched."""
+    assert SYSTEM_TEMP_USE["files"] == [] and SYSTEM_TEMP_USE["callers"] == [], SYSTEM_TEMP_USE
+
+
+def is_empty_torch_cache_dir(path: Path) -> bool:
+    return path.is_dir() and path.name.startswith("torchinductor_") and not any(path.iterdir())
+
+
+def dead_process_id() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_leftovers_of_killed_runs_are_removed_by_the_next_run(golden, tmp_path):
+    dead = dead_process_id()
+    partial = tmp_path / f".native.partial-{dead}-abcd1234"
+    running = tmp_path / f".native.partial-{os.getpid()}-efgh5678"  # a conversion still in progress: untouched
+    backup = tmp_path / f".native.old-{dead}-abcd1234"  # the previous output, while native does not exist: kept
+    for folder in (partial, running, backup):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+    report = convert_official_checkpoint(golden.checkpoint, tmp_path / "native", verify=False)
+    assert report.leftovers == [
+        f"kept {backup}: the previous native, moved aside by an interrupted run; rename it back to native or delete it",
+        f"removed {partial} (left by an interrupted run, process {dead})",
+    ]
+    assert f"leftover of an interrupted run: removed {partial}" in report.format()
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([backup.name, running.name, "native"])
+    report = convert_official_checkpoint(golden.checkpoint, tmp_path / "native", overwrite=True, verify=False)
+    assert report.leftovers == [f"removed {backup} (left by an interrupted run, process {dead})"]  # native exists now
+
+
+def test_sigkill_leaves_the_staging_folder_next_to_the_output_only(golden, tmp_path):
+    """A killed run cannot clean up: what it leaves is next to --output, named for its process, and the next run
+    removes it. Nothing lands in the system temp dir."""
+    import signal
+    import time
+
+    system_temp = tmp_path / "system-temp"
+    system_temp.mkdir()
+    output = tmp_path / "out" / "native"
+    env = {**os.environ, "TMPDIR": str(system_temp), "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, str(SCRIPT), "--input", str(golden.checkpoint), "--output", str(output), "--quiet"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(output.parent.glob(".native.partial-*/*.safetensors")) and process.poll() is None:
+            assert time.monotonic() < deadline, "the conversion never started writing"
+            time.sleep(0.05)
+        assert process.poll() is None, "the conversion finished before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    [staging] = output.parent.glob(".native.partial-*")
+    assert staging.name.startswith(f".native.partial-{process.pid}-") and not output.exists()
+    # torch creates its compile-cache folder (torchinductor_USER) there when torch._dynamo is imported: empty
+    written = [path for path in system_temp.rglob("*") if not is_empty_torch_cache_dir(path)]
+    assert written == []
+    report = convert_official_checkpoint(golden.checkpoint, output, verify=False)
+    assert report.leftovers == [f"removed {staging} (left by an interrupted run, process {process.pid})"]
+    assert [path.name for path in output.parent.iterdir()] == ["native"]

@@ -1,7 +1,7 @@
 """Official Cheers checkpoint folder -> native transformers folder, checked, verified and written atomically.
 
-`convert_official_checkpoint` is the library entry point of `conversion/convert_cheers_to_hf.py`; `push_to_hub` (and
-`model_card`) the one of `conversion/push_to_hub.py`. See docs/conversion.md.
+`convert_official_checkpoint` is the library entry point of `conversion/convert_cheers_to_hf.py` (the model card and
+the Hub upload live in `conversion/push_to_hub.py`). See docs/conversion.md.
 """
 
 import contextlib
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
+from transformers.utils import logging
 
 from .official_checkpoint import (
     OfficialCheckpointError,
@@ -26,6 +27,7 @@ from .official_checkpoint import (
 )
 
 
+logger = logging.get_logger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 # What is fetched when the input is a Hub repo id: weights, configs, tokenizer data. Never code or pickles.
@@ -34,7 +36,6 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 MODEL_CODE_FILES = ("configuration_cheers.py", "modeling_cheers.py")
 PROCESSOR_CODE_FILES = ("processing_cheers.py", "image_processing_cheers.py")
 REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-PAPER = "https://arxiv.org/abs/2603.12793"
 
 
 class ConversionError(RuntimeError):
@@ -66,6 +67,7 @@ class ConversionReport:
     verification: dict[str, float] | None = None
     pipeline_dir: Path | None = None
     pipeline_verification: dict[str, float] | None = None
+    leftovers: list[str] = field(default_factory=list)
 
     def format(self) -> str:
         sources = ", ".join(f"{count} {name}" for name, count in sorted(self.source_dtypes.items()))
@@ -82,23 +84,28 @@ class ConversionReport:
             f"  lm_head: {self.lm_head}",
             f"  generation config: {self.generation_config}",
             f"  processor: {self.processor}",
+            *(f"  leftover of an interrupted run: {line}" for line in self.leftovers),
         ]
         if self.verification is None:
             lines.append("  verification: skipped (--no-verify)")
         else:
-            numbers = ", ".join(
-                f"{name} max abs diff {value:.3g}"
-                for name, value in self.verification.items()
-                if name != "tensors identical"
-            )
-            lines.append(
-                f"  verification ({self.dtype}, converted folder vs unconverted weights): "
-                f"{self.verification.get('tensors identical', 0)} tensors bit-identical, {numbers}: OK"
-            )
+            lines.append(self.format_verification())
         if self.pipeline_dir is not None:
             numbers = ", ".join(f"{k} {v:.3g}" for k, v in (self.pipeline_verification or {}).items())
             lines.append(f"  diffusers pipeline: {self.pipeline_dir}" + (f" ({numbers})" if numbers else ""))
         return "\n".join(lines)
+
+    def format_verification(self) -> str:
+        numbers = "; ".join(
+            f"{name} relative L2 {self.verification[f'{name} relative L2']:.3g}, max abs diff "
+            f"{self.verification[f'{name} max abs diff']:.3g}"
+            for name in ("logits", "velocity")
+        )
+        return (
+            f"  verification ({self.dtype}, converted folder vs the same weights loaded from the official layout by "
+            f"this package): {self.verification['tensors identical']} tensors bit-identical, config equal; {numbers} "
+            f"(allowed relative L2 {output_tolerance(DTYPES[self.dtype]):.3g}): OK"
+        )
 
 
 def official_generation_config(input_dir: Path, config) -> GenerationConfig:
@@ -159,8 +166,10 @@ def convert_official_checkpoint(
     step are compared with the same computation on the unconverted weights; any difference is an error.
     `pipeline_output` also writes a diffusers pipeline folder.
 
-    The folder is assembled in a temporary sibling and renamed into place at the end, so a failed or interrupted
-    run leaves nothing behind and an existing folder is replaced only once the new one is complete.
+    The folder is assembled in a hidden sibling (`.NAME.partial-PID-XXXX`) and renamed into place at the end, so a
+    failed or interrupted run leaves nothing behind and an existing folder is replaced only once the new one is
+    complete. Nothing goes to the system temp dir. A sibling left by a killed run (SIGKILL cannot be caught) is
+    recognised by its name and dead process id, and removed by the next run (listed in the report).
     """
     if dtype not in DTYPES:
         raise ConversionError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
@@ -174,8 +183,11 @@ def convert_official_checkpoint(
     for target in targets:
         if target.resolve() == input_dir.resolve() or input_dir.resolve() in target.resolve().parents:
             raise ConversionError(f"The output {target} must not be inside the input folder {input_dir}.")
+    leftovers = [line for target in targets for line in clean_leftovers(target)]
     with progress_bars(progress):
-        return _convert(input_dir, output_dir, DTYPES[dtype], max_shard_size, verify, progress, pipeline_output)
+        report = _convert(input_dir, output_dir, DTYPES[dtype], max_shard_size, verify, progress, pipeline_output)
+    report.leftovers = leftovers
+    return report
 
 
 def _convert(input_dir, output_dir, torch_dtype, max_shard_size, verify, progress, pipeline_output):
@@ -254,9 +266,13 @@ def progress_bars(enabled: bool):
 
 @contextlib.contextmanager
 def staging_folder(target: Path):
-    """A fresh hidden sibling of `target`, removed again if the block fails or is interrupted."""
+    """A fresh hidden sibling of `target`, removed again if the block fails or is interrupted.
+
+    Its name, `.NAME.partial-PID-XXXX`, carries this process's id, so that a folder left by a killed run can be
+    told apart from one a running conversion is still filling (see `clean_leftovers`).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield staging
@@ -264,6 +280,49 @@ def staging_folder(target: Path):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(staging, ignore_errors=True)  # renamed away on success; this only cleans an unused one
+
+
+def leftover_pattern(target: Path) -> re.Pattern:
+    """Names of the siblings a run of this converter makes next to `target`: staging and backup folders."""
+    return re.compile(rf"^\.{re.escape(target.name)}\.(partial|old)-(\d+)-\w+$")
+
+
+def clean_leftovers(target: Path) -> list[str]:
+    """Remove the staging folders that killed runs left next to `target`; returns what was done, for the report.
+
+    Only folders whose process is gone are touched. A staging folder (`partial`) is an incomplete output: removed.
+    A backup (`old`) is the previous output, moved aside just before the new one was renamed into place: removed if
+    `target` exists (the rename happened), otherwise kept and reported, since it is then the only copy.
+    """
+    if not target.parent.is_dir():
+        return []
+    pattern, actions = leftover_pattern(target), []
+    for path in sorted(target.parent.iterdir()):
+        match = pattern.match(path.name)
+        if not match or not path.is_dir() or process_is_running(int(match.group(2))):
+            continue
+        if match.group(1) == "partial" or target.exists():
+            shutil.rmtree(path)
+            actions.append(f"removed {path} (left by an interrupted run, process {match.group(2)})")
+        else:
+            actions.append(
+                f"kept {path}: the previous {target.name}, moved aside by an interrupted run; rename it back to "
+                f"{target.name} or delete it"
+            )
+        logger.warning(actions[-1])
+    return actions
+
+
+def process_is_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def normalise_permissions(folder: Path) -> None:
@@ -417,6 +476,35 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| (inf for a shape mismatch, NaN for non-finite values)."""
+    if actual.shape != expected.shape:
+        return float("inf")
+    difference = (actual.double() - expected.double()).norm().item()
+    scale = expected.double().norm().item()
+    return difference / scale if scale > 0 else (0.0 if difference == 0 else float("inf"))
+
+
+# How far the outputs of two loaders of the same tensors may drift apart, as a relative L2 error. Bit-identical
+# weights do not give bit-identical outputs: from_pretrained memory-maps the file, and a weight whose address is not
+# 64-byte aligned can take another GEMM kernel, i.e. another summation order. GEMMs accumulate in float32 in every
+# dtype, so that reordering is float32 rounding amplified by the network: at most 23 float32 eps (relative L2) on
+# the tiny checkpoints with oneDNN switched off entirely, the largest reordering we could provoke; 64 eps leaves a
+# 3x margin. In bfloat16/float16 such a perturbation shows only where it flips the rounding of an activation by one
+# ulp of the dtype, so 4 ulps of the dtype are added. A wrong weight, config field or code path gives errors of
+# order 1e-1 to 1 instead.
+FLOAT32_REORDERING_ULPS = 64
+ROUNDING_FLIP_ULPS = 4
+
+
+def output_tolerance(dtype: torch.dtype) -> float:
+    """The relative L2 error allowed between two loaders' outputs in `dtype` (see FLOAT32_REORDERING_ULPS)."""
+    tolerance = FLOAT32_REORDERING_ULPS * torch.finfo(torch.float32).eps
+    if dtype != torch.float32:
+        tolerance += ROUNDING_FLIP_ULPS * torch.finfo(dtype).eps
+    return tolerance
+
+
 def tensor_fingerprints(model) -> dict[str, tuple]:
     """{name: (dtype, shape, sha256 of the bytes)} of every tensor of the state dict (tied lm_head included).
 
@@ -435,11 +523,29 @@ def tensor_fingerprints(model) -> dict[str, tuple]:
     return result
 
 
-def verify_against_official(folder: Path, input_dir: Path, dtype: torch.dtype, atol: float = 0.0) -> dict[str, float]:
+# Config fields that describe the files rather than the model (the two loaders fill them differently).
+CONFIG_METADATA = {"dtype", "torch_dtype", "transformers_version", "architectures", "_name_or_path", "auto_map"}
+
+
+def architecture(config) -> dict:
+    """The config as a dict without metadata, also inside the sub-configs."""
+
+    def strip(fields: dict) -> dict:
+        return {
+            key: strip(value) if isinstance(value, dict) else value
+            for key, value in fields.items()
+            if key not in CONFIG_METADATA
+        }
+
+    return strip(config.to_dict())
+
+
+def verify_against_official(folder: Path, input_dir: Path, dtype: torch.dtype) -> dict[str, float]:
     """Load the converted folder and the unconverted weights in `dtype`; they must be the same model.
 
-    Every tensor of the state dict (tied lm_head and BatchNorm statistics included) must be bit-identical, and the
-    logits of a small prompt with an image and one velocity step after it must agree (max abs diff <= atol).
+    Exact: every tensor of the state dict (tied lm_head and BatchNorm statistics included) bit-identical, and the
+    two configs equal field for field. Within `output_tolerance(dtype)`: the logits of a small prompt with an image
+    and one velocity step after it (relative L2 error; outputs of two loaders may differ by summation order only).
     The models are loaded one after the other, so only one is in memory at a time.
     """
     from .modeling_cheers import CheersForConditionalGeneration
@@ -447,9 +553,16 @@ def verify_against_official(folder: Path, input_dir: Path, dtype: torch.dtype, a
     converted = CheersForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     inputs = verification_inputs(converted.config)
     ours, our_tensors = logits_and_velocity(converted, inputs), tensor_fingerprints(converted)
+    our_config = architecture(converted.config)
     del converted
     official = load_official_checkpoint(input_dir, dtype)
-    their_tensors = tensor_fingerprints(official)
+    check_same_model(our_tensors, tensor_fingerprints(official), our_config, architecture(official.config))
+    theirs = logits_and_velocity(official, inputs)
+    del official
+    return {"tensors identical": len(our_tensors), **compare_outputs(ours, theirs, dtype)}
+
+
+def check_same_model(our_tensors: dict, their_tensors: dict, our_config: dict, their_config: dict) -> None:
     differing = sorted(
         name for name in our_tensors.keys() | their_tensors.keys() if our_tensors.get(name) != their_tensors.get(name)
     )
@@ -458,16 +571,34 @@ def verify_against_official(folder: Path, input_dir: Path, dtype: torch.dtype, a
             f"The converted folder loads {len(differing)} tensor(s) that differ from the unconverted weights (value, "
             f"dtype or presence), e.g. {differing[:5]}. Nothing was written."
         )
-    theirs = logits_and_velocity(official, inputs)
-    del official
-    result = {"logits": max_abs_diff(ours[0], theirs[0]), "velocity": max_abs_diff(ours[1], theirs[1])}
-    bad = {name: value for name, value in result.items() if not value <= atol}  # NaN fails too
-    if bad or not all(torch.isfinite(tensor).all() for tensor in (*ours, *theirs)):
+    fields = sorted(
+        key for key in our_config.keys() | their_config.keys() if our_config.get(key) != their_config.get(key)
+    )
+    if fields:
         raise VerificationError(
-            f"The converted folder does not reproduce the unconverted weights: max abs diff {result} (allowed "
-            f"{atol}), or non-finite outputs. Nothing was written."
+            f"The converted folder's config.json differs from the official config in {fields}: config.json was not "
+            "written faithfully. Nothing was written."
         )
-    return {"tensors identical": len(our_tensors), **result}
+
+
+def compare_outputs(ours: tuple, theirs: tuple, dtype: torch.dtype) -> dict[str, float]:
+    """Relative L2 error and max abs diff of (logits, velocity); a VerificationError beyond `output_tolerance`."""
+    tolerance = output_tolerance(dtype)
+    result = {}
+    for name, actual, expected in (("logits", ours[0], theirs[0]), ("velocity", ours[1], theirs[1])):
+        result[f"{name} relative L2"] = relative_l2(actual, expected)
+        result[f"{name} max abs diff"] = max_abs_diff(actual, expected)
+    errors = [value for key, value in result.items() if key.endswith("relative L2")]
+    finite = all(torch.isfinite(tensor).all() for tensor in (*ours, *theirs))
+    if not finite or not all(error <= tolerance for error in errors):  # NaN fails too
+        shown = ", ".join(f"{key} {value:.3g}" for key, value in result.items())
+        raise VerificationError(
+            f"The converted folder does not reproduce the unconverted weights: {shown} (allowed relative L2 "
+            f"{tolerance:.3g} in {str(dtype).removeprefix('torch.')}){'' if finite else ', non-finite outputs'}. "
+            "The tensors are identical, so the difference comes from loading or code, not from the conversion of "
+            "the weights; please report it. Nothing was written."
+        )
+    return result
 
 
 # The pipeline folder's model_index.json names classes in code files that travel with it, so that
@@ -559,7 +690,7 @@ def replace_folder(new: Path, target: Path) -> None:
     """Move `new` to `target`; an existing `target` is removed only after the move succeeded."""
     backup = None
     if target.exists():
-        backup = target.with_name(f".{target.name}.old-{new.name.rsplit('-', 1)[-1]}")
+        backup = target.with_name(f".{target.name}.old-{new.name.split('.partial-', 1)[1]}")  # same PID-XXXX
         target.rename(backup)
     try:
         new.rename(target)
@@ -571,214 +702,9 @@ def replace_folder(new: Path, target: Path) -> None:
         shutil.rmtree(backup)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Hub: model card and upload
-# --------------------------------------------------------------------------------------------------------------------
-
-CITATION = """@article{cheers2026,
-  title   = {Cheers},
-  journal = {arXiv preprint arXiv:2603.12793},
-  year    = {2026},
-  url     = {https://arxiv.org/abs/2603.12793}
-}"""
-
-
-def folder_summary(folder: Path) -> dict:
-    """Facts about a converted folder for the model card (dtype, shards, size, what it contains)."""
-    config = json.loads((folder / "config.json").read_text())
-    shards = sorted(path.name for path in folder.glob("*.safetensors"))
-    return {
-        "dtype": config.get("dtype") or config.get("torch_dtype") or "unknown",
-        "shards": shards,
-        "size_gb": sum((folder / shard).stat().st_size for shard in shards) / 1e9,
-        "resolution": config.get("vision_config", {}).get("image_size"),
-        "processor": (folder / "processor_config.json").is_file(),
-        "code_files": sorted(path.name for path in folder.glob("*.py")),
-    }
-
-
-def model_card(repo_id: str, folder, base_model: str | None = None, pipeline_repo_id: str | None = None) -> str:
-    """README.md for a converted folder: metadata (Apache-2.0), the four ways to use it, the citation."""
-    from huggingface_hub import ModelCardData
-
-    facts = folder_summary(Path(folder))
-    data = ModelCardData(
-        license="apache-2.0",
-        library_name="transformers",
-        pipeline_tag="any-to-any",
-        base_model=base_model,
-        tags=[
-            "cheers",
-            "multimodal",
-            "image-text-to-text",
-            "text-to-image",
-            "image-editing",
-            "custom_code",
-            "diffusers",
-        ],
-    )
-    pipeline_repo = pipeline_repo_id or "path/to/cheers-pipeline"
-    return f"""---
-{data.to_yaml()}
----
-
-# Cheers ({facts["dtype"]}, transformers-native)
-
-[Cheers]({PAPER}) is a unified multimodal model: one language model (Qwen2) reads images through a unified vision
-tokenizer (FLUX.2 VAE + SigLIP) and generates images with a cascaded flow-matching head. This repository holds the
-official weights converted with transformers-cheers' `conversion/convert_cheers_to_hf.py`
-{f"from [{base_model}](https://huggingface.co/{base_model}) " if base_model else ""}to the Hugging Face-native
-layout: {len(facts["shards"])} safetensors shard(s), {facts["size_gb"]:.2f} GB, {facts["dtype"]} weights with the
-VAE BatchNorm statistics in float32, the language-model head tied to the token embedding, the unused SigLIP pooling
-head dropped. The converter checked that these weights give the same logits and velocities as the unconverted ones.
-
-## With the `transformers_cheers` package
-
-```python
-import torch
-from PIL import Image
-from transformers_cheers import CheersForConditionalGeneration, CheersProcessor
-
-model = CheersForConditionalGeneration.from_pretrained("{repo_id}", dtype=torch.bfloat16, device_map="auto")
-processor = CheersProcessor.from_pretrained("{repo_id}")
-
-messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Describe this image."}}]}}]
-prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=[Image.open("photo.jpg")], text=prompt).to(model.device)
-output = model.generate(**inputs, max_new_tokens=128)
-print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```
-
-## Without it: `trust_remote_code`
-
-The model, processor and image-processor code files ({", ".join(facts["code_files"])}) travel with the weights;
-they import only transformers, diffusers, torch, PIL and numpy.
-
-```python
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True, dtype="auto")
-processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
-```
-
-## Text-to-image with diffusers
-
-```python
-import torch
-from transformers_cheers import CheersFlowMatchScheduler, CheersPipeline
-
-pipe = CheersPipeline(model=model, processor=processor, scheduler=CheersFlowMatchScheduler())
-image = pipe("A red apple on a wooden table.", generator=torch.manual_seed(0)).images[0]
-
-# or, from a pipeline folder written with `convert_cheers_to_hf.py --pipeline-output`:
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("{pipeline_repo}", trust_remote_code=True, torch_dtype=torch.bfloat16)
-```
-
-## Fine-tuning with LoRA (PEFT)
-
-```python
-from peft import PeftModel
-from transformers_cheers.lora import apply_lora  # presets: "llm", "llm_heads", "heads"
-
-model = apply_lora(model, "llm_heads", r=16)   # LLM + flow heads; SigLIP and the VAE stay frozen
-# ... train (see examples/train_lora.py), then model.save_pretrained("cheers-lora")
-tuned = PeftModel.from_pretrained(CheersForConditionalGeneration.from_pretrained("{repo_id}"), "cheers-lora")
-merged = tuned.merge_and_unload()
-```
-
-Without the package, any `peft.LoraConfig` works on the remote-code model, e.g.
-`LoraConfig(r=16, target_modules=r".*language_model.*\\.(q_proj|k_proj|v_proj|o_proj)")`.
-
-## License and citation
-
-Apache-2.0, as the official release. If you use Cheers, please cite the paper ([arXiv 2603.12793]({PAPER})):
-
-```bibtex
-{CITATION}
-```
-"""
-
-
-def hub_operations(folder: Path, card: str) -> list:
-    """One CommitOperationAdd per file of `folder` (hidden files skipped) plus the generated README.md."""
-    from huggingface_hub import CommitOperationAdd
-
-    operations = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder).as_posix()
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
-            if relative != "README.md":
-                operations.append(CommitOperationAdd(path_in_repo=relative, path_or_fileobj=str(path)))
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
-    return operations
-
-
-def push_to_hub(
-    folder,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    base_model: str | None = None,
-    pipeline_repo_id: str | None = None,
-    card: str | None = None,
-    token: str | None = None,
-    large_folder: bool = False,
-    api=None,
-):
-    """Upload a converted folder (+ a generated model card) to the Hub as ONE commit; returns the CommitInfo.
-
-    Creates the repo if needed (`private`), and the branch `revision` if it does not exist (unless `create_pr`, which
-    opens a pull request against `revision` instead). huggingface_hub uploads the large files through Xet (or LFS)
-    before the commit is created; they are content-addressed, so re-running after an interruption re-sends only
-    what the Hub does not have yet. `large_folder=True` uses `HfApi.upload_folder`'s pipelined upload instead
-    (several commits for very large folders; resumable by re-running).
-    """
-    from huggingface_hub import HfApi
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        raise ConversionError(f"{folder} is not a converted Cheers folder (no config.json / safetensors).")
-    if json.loads((folder / "config.json").read_text()).get("model_type") != "cheers":
-        raise ConversionError(f"{folder}/config.json is not a native Cheers config (model_type 'cheers').")
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
-        raise ConversionError(f"{folder} contains pickled weights; only safetensors are uploaded.")
-    api = api or HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True).repo_id
-    card = card if card is not None else model_card(repo_id, folder, base_model, pipeline_repo_id)
-    message = commit_message or "Upload Cheers (converted with transformers-cheers)"
-    if revision is not None and not create_pr:
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-    if large_folder:
-        if create_pr:
-            raise ConversionError("--large-folder cannot open a pull request; push to a branch (--revision).")
-        (folder / "README.md").write_text(card)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type="model",
-            revision=revision,
-            commit_message=message,
-            ignore_patterns=[".*", "**/.*"],
-        )
-    return api.create_commit(
-        repo_id,
-        hub_operations(folder, card),
-        commit_message=message,
-        repo_type="model",
-        revision=revision,
-        create_pr=create_pr,
-    )
-
-
 __all__ = [
     "ConversionError",
     "ConversionReport",
     "VerificationError",
     "convert_official_checkpoint",
-    "model_card",
-    "push_to_hub",
 ]

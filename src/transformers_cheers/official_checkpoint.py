@@ -1,7 +1,9 @@
 """Reading checkpoints in the official Cheers layout (model_type "umm", remote code pinned to transformers 4.51).
 
-One table (`NAME_RULES`, refined by `HEAD_RULES` and `VAE_BLOCK_RULES`) maps every official tensor name to ours (or drops it). The converter in
-`conversion/convert_cheers_to_hf.py` and `load_official_checkpoint` both use it.
+One table (`NAME_RULES`, refined by `HEAD_RULES` and `VAE_BLOCK_RULES`) maps every official tensor name to ours (or
+drops it). ONE reader uses it: `convert_official_folder`, behind both the converter (`conversion/convert_cheers_to_hf.py`)
+and `load_official_checkpoint`. The way back (`native_to_official_state_dict`, `official_config`) writes a native model in
+the official layout; the tests use it to build official checkpoints with configurations the golden one does not have.
 """
 
 import contextlib
@@ -108,6 +110,7 @@ DROPPED_TENSORS: dict[str, str] = {
 # Floating dtypes an official tensor may be stored in (cast to the target dtype when converting).
 OFFICIAL_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EMBEDDING_KEY = "model.language_model.embed_tokens.weight"
+LM_HEAD_KEY = "lm_head.weight"
 _TEXT_KEYS = (*OFFICIAL_TEXT_DEFAULTS, "hidden_size", "intermediate_size", "num_attention_heads")
 # The VAE has no config fields for these; they are constants of the FLUX.2 autoencoder and of Cheers' code.
 FLUX2_GROUP_NORM_GROUPS = 32
@@ -152,7 +155,12 @@ def convert_official_tensor(new_key: str, tensor: torch.Tensor) -> torch.Tensor:
 def convert_official_state_dict(
     state_dict: dict[str, torch.Tensor], config: CheersConfig
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Rename (and reshape) official tensors to the native layout. Returns (native state dict, dropped keys)."""
+    """Rename (and reshape) a PARTIAL official state dict; returns (native state dict, dropped keys).
+
+    Only the per-tensor step of `convert_official_folder` (same functions), without its completeness checks: for
+    pieces that are not a whole checkpoint, such as the golden VAE-only fixture. Whole checkpoints go through
+    `convert_official_folder`.
+    """
     num_up_blocks = len(config.vae_config["block_out_channels"])
     converted, dropped = {}, []
     for key, tensor in state_dict.items():
@@ -161,8 +169,89 @@ def convert_official_state_dict(
             dropped.append(key)
             continue
         converted[new_key] = convert_official_tensor(new_key, tensor)
-    check_tied_embeddings(state_dict.get("lm_head.weight"), state_dict.get(EMBEDDING_KEY), official_ties=True)
     return converted, dropped
+
+
+# The way back: NAME_RULES, HEAD_RULES and VAE_BLOCK_RULES inverted, rule for rule (native pattern -> official name).
+# `<REVERSED:N>` is its own inverse. The two dropped kinds: lm_head is written back as a copy of the embedding (the
+# official file stores it); the SigLIP pooling head does not exist natively, so it is left out (the official code
+# builds it but never uses it).
+NATIVE_NAME_RULES: list[tuple[str, str]] = [
+    (r"^model\.(language_model|vision_representation)\.", r"model.\1."),
+    (r"^model\.multi_modal_projector\.layer_norm\.", "model.und_projector.layernorm."),
+    (r"^model\.multi_modal_projector\.linear_1\.", "model.und_projector.mlp.0."),
+    (r"^model\.multi_modal_projector\.linear_2\.", "model.und_projector.mlp.2."),
+    (r"^model\.time_embedder\.semantic_mlp\.", "model.time_embed.mlp_1."),
+    (r"^model\.time_embedder\.detail_mlp\.", "model.time_embed.mlp_2."),
+    (r"^model\.detail_gate\.", "model.hi_gate."),
+    (r"^model\.semantic_head\.", "model.gen_projector."),
+    (r"^model\.detail_head\.", "model.hi_projector."),
+    (r"^model\.vae\.quant_conv\.", "model.vae_model.encoder.quant_conv."),
+    (r"^model\.vae\.post_quant_conv\.", "model.vae_model.decoder.post_quant_conv."),
+    (r"^model\.vae\.", "model.vae_model."),
+    (r"^model\.vae_decoder_projector\.post_quant_conv\.", "model.vae_decoder_projector.decoder.post_quant_conv."),
+    (r"^model\.vae_decoder_projector\.", "model.vae_decoder_projector."),
+]
+NATIVE_HEAD_RULES: list[tuple[str, str]] = [
+    (r"\.blocks\.(\d+)\.modulation\.", r".diffusion_head_a.\1.adaLN_modulation.1."),
+    (r"\.blocks\.(\d+)\.self_attn\.", r".diffusion_head_a.\1.attn."),
+    (r"\.blocks\.", ".diffusion_head_a."),
+    (r"\.final_layer\.modulation\.", ".diffusion_head_b.adaLN_modulation.1."),
+    (r"\.final_layer\.norm\.", ".diffusion_head_b.norm_final."),
+    (r"\.final_layer\.proj_out\.", ".diffusion_head_b.linear."),
+]
+NATIVE_VAE_BLOCK_RULES: list[tuple[str, str]] = [
+    (r"\.conv_norm_out\.", ".norm_out."),
+    (r"\.encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r".encoder.down.\1.block.\2."),
+    (r"\.encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r".encoder.down.\1.downsample.conv."),
+    (r"\.decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r".decoder.up.<REVERSED:\1>.block.\2."),
+    (r"\.decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", r".decoder.up.<REVERSED:\1>.upsample.conv."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
+    (r"\.mid_block\.attentions\.0\.to_(q|k|v)\.", r".mid.attn_1.\1."),
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+]
+_OFFICIAL_CONV_ATTENTION = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+
+
+def native_to_official_key(key: str, num_up_blocks: int) -> str:
+    """Official name of a native tensor (inverse of `convert_official_key` for every tensor it keeps)."""
+    for pattern, replacement in NATIVE_NAME_RULES:
+        if re.search(pattern, key):
+            break
+    else:
+        raise OfficialCheckpointError(f"Native tensor {key!r} has no official name.")
+    new_key = re.sub(pattern, replacement, key)
+    inner_rules = NATIVE_HEAD_RULES if new_key.startswith(("model.gen_projector.", "model.hi_projector.")) else []
+    if new_key.startswith(("model.vae_model.", "model.vae_decoder_projector.")):
+        inner_rules = NATIVE_VAE_BLOCK_RULES
+    for pattern, replacement in inner_rules:
+        new_key = re.sub(pattern, replacement, new_key)
+    return re.sub(r"<REVERSED:(\d+)>", lambda m: str(num_up_blocks - 1 - int(m.group(1))), new_key)
+
+
+def native_to_official_state_dict(
+    state_dict: dict[str, torch.Tensor], config: CheersConfig
+) -> dict[str, torch.Tensor]:
+    """A native state dict in the official layout: the inverse of `convert_official_folder`'s renaming.
+
+    Tensors are renamed (and the VAE attention's linears turned back into BFL's 1x1 convolutions as views), never
+    cast. `lm_head.weight` is stored as the embedding, as the official file does; the SigLIP pooling head, which the
+    native model does not have, is absent. Converting the result back gives `state_dict` bit for bit.
+    """
+    num_up_blocks = len(config.vae_config["block_out_channels"])
+    official = {}
+    for key, tensor in state_dict.items():
+        if key == LM_HEAD_KEY:  # tied: written below as the embedding
+            continue
+        new_key = native_to_official_key(key, num_up_blocks)
+        if new_key in official:
+            raise OfficialCheckpointError(f"Two native tensors map to the official name {new_key!r}.")
+        official[new_key] = tensor[:, :, None, None] if _OFFICIAL_CONV_ATTENTION.search(new_key) else tensor
+    official[LM_HEAD_KEY] = state_dict[EMBEDDING_KEY].clone()  # its own copy: safetensors refuses shared tensors
+    return official
 
 
 def check_tied_embeddings(
@@ -250,6 +339,86 @@ def vae_configs_from_official(encoder: dict | None, decoder: dict | None) -> tup
     return vae, projector
 
 
+# What an official config.json names besides the sub-configs (copied from the release; the code is not shipped).
+OFFICIAL_CONFIG_HEADER = {
+    "architectures": ["Cheers"],
+    "auto_map": {
+        "AutoConfig": "configuration_umm.UMMConfig",
+        "AutoModel": "modeling_umm.UMMModel",
+        "AutoModelForCausalLM": "modeling_umm.Cheers",
+    },
+    "model_type": "umm",
+}
+
+
+def official_config(config: CheersConfig) -> dict:
+    """The official config.json (model_type "umm") of a native config: the inverse of `config_from_official`.
+
+    The official layout has fields only for the sub-models' sizes; everything else (head sizes, token ids, FLUX.2
+    constants) is fixed in its code. A native config that sets any of those differently has no official form: the
+    result is read back with `config_from_official` and must give the same config, otherwise this is an error.
+    """
+    text, vision = config.text_config, config.vision_config
+    text_fields = [key for key in _TEXT_KEYS if key != "rope_theta"]
+    official_text = {key: getattr(text, key) for key in text_fields}
+    official_text["rope_theta"] = text.rope_parameters["rope_theta"]
+    vae, projector = config.vae_config, config.decoder_projector_config
+    official = {
+        **OFFICIAL_CONFIG_HEADER,
+        "text_config": official_text,
+        "vision_representation_config": {key: getattr(vision, key) for key in OFFICIAL_VISION_DEFAULTS},
+        "vae_encoder_config": {
+            "resolution": vision.image_size,
+            "in_channels": vae["in_channels"],
+            **bfl_channels(vae["block_out_channels"]),
+            "num_res_blocks": vae["layers_per_block"],
+            "z_channels": vae["latent_channels"],
+        },
+        "vae_decoder_config": {
+            "resolution": vision.image_size,
+            "in_channels": vae["in_channels"],
+            "out_ch": projector["out_channels"],
+            **bfl_channels(projector["block_out_channels"]),
+            "num_res_blocks": projector["layers_per_block"],
+            "z_channels": projector["latent_channels"],
+        },
+    }
+    check_official_config_round_trip(config, official)
+    return official
+
+
+def bfl_channels(block_out_channels: list[int]) -> dict:
+    """BFL's (ch, ch_mult) for diffusers' block_out_channels (every level a multiple of the first)."""
+    ch = block_out_channels[0]
+    if any(channels % ch for channels in block_out_channels):
+        raise OfficialCheckpointError(f"block_out_channels {block_out_channels} are not multiples of the first level.")
+    return {"ch": ch, "ch_mult": [channels // ch for channels in block_out_channels]}
+
+
+# Fields that are metadata, not architecture: they may differ after a round trip through the official config.
+_CONFIG_METADATA = {"dtype", "torch_dtype", "transformers_version", "architectures", "_name_or_path", "auto_map"}
+
+
+def check_official_config_round_trip(config: CheersConfig, official: dict) -> None:
+    def architecture(cheers_config: CheersConfig) -> dict:
+        return {k: v for k, v in cheers_config.to_dict().items() if k not in _CONFIG_METADATA}
+
+    expected, actual = architecture(config), architecture(config_from_official(official))
+    differing = sorted(key for key in expected.keys() | actual.keys() if expected.get(key) != actual.get(key))
+    if differing:
+        raise OfficialCheckpointError(
+            f"This configuration has no official form: the official config.json cannot express {differing} "
+            "(the official code fixes them); use the official defaults for these fields."
+        )
+
+
+def write_official_config(config: CheersConfig, folder) -> Path:
+    """Write `official_config(config)` as `folder`/config.json; returns its path."""
+    path = Path(folder) / "config.json"
+    path.write_text(json.dumps(official_config(config), indent=2) + "\n")
+    return path
+
+
 def official_tensor_index(folder: Path) -> dict[str, str]:
     """{tensor name: shard file} of an official folder (one model.safetensors, or shards listed by an index).
 
@@ -313,11 +482,6 @@ def iter_official_tensors(folder: Path, located: dict[str, str]) -> Iterator[tup
                     yield key, handle.get_tensor(key)
         except (SafetensorError, OSError) as error:
             raise OfficialCheckpointError(f"Cannot read {path} (truncated or corrupt?): {error}") from error
-
-
-def read_official_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an official folder (single file or sharded with an index); only safetensors are read."""
-    return dict(iter_official_tensors(folder, official_tensor_index(folder)))
 
 
 def read_official_config(folder: Path) -> dict:
@@ -481,6 +645,15 @@ def load_official_checkpoint(folder, dtype: torch.dtype = torch.float32, **confi
     with no_init_weights(), default_dtype(dtype):
         model = CheersForConditionalGeneration(converted.config)
     cast_like_from_pretrained(model, dtype)
-    model.load_state_dict(converted.state_dict, strict=False)  # lm_head is tied, the only key not in the file
+    model.load_state_dict(with_tied_head(converted.state_dict), strict=True)
     model.tie_weights()
     return model.eval()
+
+
+def with_tied_head(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` plus the tied lm_head (the embedding itself), so that a strict load accepts it.
+
+    The native files do not store the head (it is the embedding); naming it explicitly lets `load_state_dict` run
+    strictly, so any other missing or unexpected tensor is an error instead of a silently random weight.
+    """
+    return {**state_dict, LM_HEAD_KEY: state_dict[EMBEDDING_KEY]}
