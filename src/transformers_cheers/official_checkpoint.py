@@ -152,26 +152,6 @@ def convert_official_tensor(new_key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def convert_official_state_dict(
-    state_dict: dict[str, torch.Tensor], config: CheersConfig
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Rename (and reshape) a PARTIAL official state dict; returns (native state dict, dropped keys).
-
-    Only the per-tensor step of `convert_official_folder` (same functions), without its completeness checks: for
-    pieces that are not a whole checkpoint, such as the golden VAE-only fixture. Whole checkpoints go through
-    `convert_official_folder`.
-    """
-    num_up_blocks = len(config.vae_config["block_out_channels"])
-    converted, dropped = {}, []
-    for key, tensor in state_dict.items():
-        new_key = convert_official_key(key, num_up_blocks)
-        if new_key is None:
-            dropped.append(key)
-            continue
-        converted[new_key] = convert_official_tensor(new_key, tensor)
-    return converted, dropped
-
-
 # The way back: NAME_RULES, HEAD_RULES and VAE_BLOCK_RULES inverted, rule for rule (native pattern -> official name).
 # `<REVERSED:N>` is its own inverse. The two dropped kinds: lm_head is written back as a copy of the embedding (the
 # official file stores it); the SigLIP pooling head does not exist natively, so it is left out (the official code
