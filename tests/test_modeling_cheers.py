@@ -167,6 +167,27 @@ def test_left_padded_batch_generates_like_single_prompts(tiny):
         assert batch[row, width:].tolist() == single[0, len(prompts[row]) :].tolist()
 
 
+def test_static_cache_generates_like_the_dynamic_cache(tiny):
+    """generate(cache_implementation="static") prebuilds a plain causal mask; the prompt still gets the omni mask."""
+    config = tiny.config
+    prompts = [image_prompt(config, prefix=(11, 12, 13, 14, 15)), image_prompt(config, prefix=(31,))]
+    width = max(map(len, prompts))
+    inputs = {
+        "input_ids": torch.tensor([[config.pad_token_id] * (width - len(p)) + p for p in prompts]),
+        "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+        "pixel_values": torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+    }
+    settings = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    dynamic = tiny.generate(**inputs, **settings)
+    static = tiny.generate(**inputs, cache_implementation="static", **settings)
+    assert static.sequences.tolist() == dynamic.sequences.tolist()
+    for step, (expected, actual) in enumerate(zip(dynamic.scores, static.scores)):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+    with torch.no_grad():  # the first step's scores are the omni-masked prefill's
+        prefill = tiny(**inputs).logits[:, -1]
+    torch.testing.assert_close(static.scores[0], prefill, rtol=1e-4, atol=1e-5)
+
+
 def test_cache_matches_full_recomputation(tiny):
     ids = torch.tensor([image_prompt(tiny.config)])
     pixels = torch.rand(1, 3, 64, 64)

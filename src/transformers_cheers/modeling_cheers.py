@@ -483,9 +483,14 @@ class CheersModel(CheersPreTrainedModel):
 
         if position_ids is None:
             position_ids = self.default_position_ids(inputs_embeds, attention_mask, cache)
-        block_mask = placeholder_mask if context_image_mask is None else placeholder_mask & ~context_image_mask.bool()
-        block_ids = image_block_ids(block_mask, tokens_per_image)
-        mask_mapping = self.build_attention_mask(inputs_embeds, attention_mask, cache, position_ids, block_ids)
+        if isinstance(attention_mask, dict):
+            mask_mapping = attention_mask  # built by generate() for a static cache (decode steps: plain causal)
+        else:
+            block_mask = (
+                placeholder_mask if context_image_mask is None else placeholder_mask & ~context_image_mask.bool()
+            )
+            block_ids = image_block_ids(block_mask, tokens_per_image)
+            mask_mapping = self.build_attention_mask(inputs_embeds, attention_mask, cache, position_ids, block_ids)
 
         outputs = self.language_model(
             attention_mask=mask_mapping,
@@ -713,9 +718,14 @@ class CheersForConditionalGeneration(CheersPreTrainedModel, GenerationMixin):
         if not is_first_iteration and kwargs.get("use_cache", True):
             for key in ("image_latents", "context_image_mask", "mm_encoder_outputs", "image_grid_hw"):
                 kwargs.pop(key, None)
-        return super().prepare_inputs_for_generation(
+        model_inputs = super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
+        if is_first_iteration and isinstance(model_inputs.get("attention_mask"), dict):
+            # With a static cache generate() prebuilds a plain causal mask; the prompt needs the omni mask (image
+            # blocks bidirectional), which forward builds from the 2-D padding mask.
+            model_inputs["attention_mask"] = kwargs.get("attention_mask")
+        return model_inputs
 
 
 CheersConfig.register_for_auto_class()
