@@ -303,3 +303,15 @@ def test_saved_folder_loads_with_remote_code_without_the_package(tiny, tmp_path)
     run = run_python_without_the_package(code, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().startswith("transformers_modules.")
+
+
+def test_velocity_function_traces_without_graph_breaks(tiny):
+    """One sampling step compiles as one graph: no host sync (`.item()`, `bool(tensor)`) in the per-step path."""
+    core = tiny.model
+    ids = torch.tensor([[11, 12, 13, tiny.config.image_start_token_id]])
+    with torch.no_grad():
+        cache = core(input_ids=ids, use_cache=True).cache
+        latents = torch.randn(1, tiny.config.latent_channels, 2, 2, generator=torch.Generator().manual_seed(0))
+        core.get_latent_features(latents)  # transformers installs its output-capturing hooks once, under a lock
+        explanation = torch._dynamo.explain(core.compute_velocity)(latents, torch.tensor(0.3), cache)
+    assert explanation.graph_break_count == 0, [str(reason.reason)[:200] for reason in explanation.break_reasons]

@@ -392,8 +392,6 @@ class CheersModel(CheersPreTrainedModel):
 
     def build_attention_mask(self, inputs_embeds, attention_mask, cache, position_ids, block_ids):
         """The omni mask: causal, bidirectional inside image blocks, padding masked (any attention backend)."""
-        if block_ids is not None and not bool((block_ids >= 0).any()):
-            block_ids = None  # no image block: the plain causal mask (and SDPA's is_causal fast path)
         if block_ids is not None and cache is not None and (past := cache.get_seq_length()) > 0:
             block_ids = F.pad(block_ids, (past, 0), value=-1)
         mask = create_causal_mask(
@@ -489,7 +487,8 @@ class CheersModel(CheersPreTrainedModel):
             block_mask = (
                 placeholder_mask if context_image_mask is None else placeholder_mask & ~context_image_mask.bool()
             )
-            block_ids = image_block_ids(block_mask, tokens_per_image)
+            # no image block: the plain causal mask (and SDPA's is_causal fast path); a host sync at prefill only
+            block_ids = image_block_ids(block_mask, tokens_per_image) if bool(block_mask.any()) else None
             mask_mapping = self.build_attention_mask(inputs_embeds, attention_mask, cache, position_ids, block_ids)
 
         outputs = self.language_model(
