@@ -3,10 +3,10 @@
     python conversion/convert_cheers_to_hf.py --input /path/to/official/Cheers --output ./cheers-hf
     python conversion/convert_cheers_to_hf.py --input AI9Stars/Cheers --output ./cheers-hf   # Hub id, when online
 
-The output loads with `CheersForConditionalGeneration.from_pretrained(OUTPUT)`, with
-`AutoModel`/`AutoProcessor.from_pretrained(OUTPUT, trust_remote_code=True)` for people without this package, and
-(with --pipeline-output) as a diffusers pipeline. Weights are written as safetensors shards (bfloat16 by default,
-BatchNorm statistics in float32). Every official tensor is mapped or deliberately dropped (the unused SigLIP pooling
+The output loads with `CheersForConditionalGeneration.from_pretrained(OUTPUT)` and `CheersPipeline.from_pretrained(
+OUTPUT)`; without this package, with `AutoModel`/`AutoProcessor.from_pretrained(OUTPUT, trust_remote_code=True)` and
+`DiffusionPipeline.from_pretrained(OUTPUT, trust_remote_code=True)`. Weights are written as safetensors shards
+(bfloat16 by default, BatchNorm statistics in float32). Every official tensor is mapped or deliberately dropped (the unused SigLIP pooling
 head; `lm_head.weight`, which must equal the tied token embedding); anything else is an error. The converted folder
 is then loaded and its logits and one velocity step compared with the unconverted weights (skip with --no-verify).
 Nothing is written unless everything succeeds.
@@ -45,7 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the numerical verification")
-    parser.add_argument("--pipeline-output", default=None, help="also write a diffusers pipeline folder here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -62,7 +61,6 @@ def main(argv=None) -> int:
             verify=args.verify,
             progress=not args.quiet,
             revision=args.revision,
-            pipeline_output=args.pipeline_output,
         )
     except VerificationError as error:
         print(f"error: {error}", file=sys.stderr)

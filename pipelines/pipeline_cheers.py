@@ -15,6 +15,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .folders import load_pipeline_components
 from .sampling import denoise
 from .scheduling_cheers import CheersFlowMatchScheduler
 
@@ -35,6 +36,7 @@ EXAMPLE_DOC_STRING = """
 DEFAULT_STEPS = 80
 DEFAULT_GUIDANCE = 9.5
 DEFAULT_EDIT_STRENGTH = 0.9  # the official edit starts at t0 = 0.1
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass
@@ -68,7 +70,26 @@ class CheersPipeline(DiffusionPipeline):
 
     def __init__(self, model, processor, scheduler: CheersFlowMatchScheduler):
         super().__init__()
-        self.register_modules(model=model, processor=processor, scheduler=scheduler)
+        self.register_modules(model=unwrap_peft_model(model), processor=processor, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""
+        Build the pipeline from a converted Cheers model repo or from a pipeline folder, with this package's code.
+
+        A converted model repo (the converter's output: `config.json` with `model_type` "cheers", the processor files
+        and, optionally, `scheduler_config.json`) gives all three components from its root; a pipeline folder
+        (`model/`, `processor/`, `scheduler/` subfolders, as `save_pretrained` writes it) from its subfolders. Neither
+        needs `trust_remote_code`: the installed classes are used, never code files shipped in the folder.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a local folder or a Hub repo id.
+            model, processor, scheduler (*optional*): components to use instead of loading them.
+            cache_dir, revision, token, local_files_only, force_download, proxies (*optional*): Hub download options.
+            kwargs: passed on to `CheersForConditionalGeneration.from_pretrained` (`dtype`, `device_map`,
+                `attn_implementation`, `quantization_config`, ...).
+        """
+        return cls(**load_pipeline_components(pretrained_model_name_or_path, **kwargs))
 
     # ---- properties ------------------------------------------------------------------------------------------------
 
@@ -105,6 +126,8 @@ class CheersPipeline(DiffusionPipeline):
         strength,
         image,
         callback_on_step_end_tensor_inputs,
+        num_images_per_prompt=1,
+        output_type="pil",
     ):
         if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
             raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
@@ -123,8 +146,20 @@ class CheersPipeline(DiffusionPipeline):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         if guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be >= 0 (1 disables guidance), got {guidance_scale}.")
-        if not 0.0 <= strength <= 1.0:
+        if strength is not None and image is None:
+            raise ValueError(
+                "`strength` sets how much of an edited image is re-generated, but no `image` was passed: pass the "
+                "source as `image=` to edit it, or leave `strength` unset for text-to-image."
+            )
+        if strength is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"`strength` must be in [0, 1], got {strength}.")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
+            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
+        if output_type not in OUTPUT_TYPES:
+            accepted = ", ".join(repr(name) for name in OUTPUT_TYPES)
+            raise ValueError(f"`output_type` must be one of {accepted}; got {output_type!r}.")
         if image is not None and not isinstance(image, PIL.Image.Image | np.ndarray | torch.Tensor | list):
             raise ValueError(
                 f"`image` must be a PIL image, a numpy array, a torch tensor or a list of them, got "
@@ -208,6 +243,42 @@ class CheersPipeline(DiffusionPipeline):
             return noise
         return self.scheduler.scale_noise(image_latents.to(dtype), start_time, noise)
 
+    def edit_canvas_side(self, height: int | None, width: int | None) -> int:
+        """The model edits on a square: the source letterboxed to the larger requested side (default: native)."""
+        return max(side for side in (height, width, 0) if side is not None) or self.default_size
+
+    def edit_frames(self, images, height, width, output_type) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Per edit, `(source size, output size)`: the output is `height` x `width` where given, else the source's
+        size (diffusers' image-to-image rule)."""
+        frames = [((h, w), (height or h, width or w)) for h, w in self.processor.image_processor.image_sizes(images)]
+        sizes = {output for _, output in frames}
+        if output_type in ("np", "pt") and len(sizes) > 1:
+            raise ValueError(
+                f"The edits have different output sizes ({sorted(sizes)}), which cannot be stacked into one "
+                f"{output_type!r} array: pass `height` and `width`, or output_type='pil'."
+            )
+        return frames
+
+    def edits_in_source_frames(self, pixels: torch.Tensor, frames: list[tuple[tuple[int, int], tuple[int, int]]]):
+        """Cut each edited canvas back to the region holding its source, resized to the output size.
+
+        A square source fills the canvas, so an edit at the canvas size is returned unchanged (the official path).
+        Returns a (B, 3, H, W) tensor when all sizes agree, else a list of (3, H, W) tensors.
+        """
+        side = pixels.shape[-1]
+        outputs = []
+        for canvas, (source_size, (height, width)) in zip(pixels, frames):
+            region = self.processor.image_processor.letterbox_region(*source_size, side)
+            top, left, region_height, region_width = region
+            frame = canvas[None, :, top : top + region_height, left : left + region_width].float()
+            if (region_height, region_width) != (height, width):
+                frame = torch.nn.functional.interpolate(
+                    frame, size=(height, width), mode="bicubic", antialias=True, align_corners=False
+                )
+            outputs.append(frame[0].clamp(0, 1))
+        same_size = len({output for _, output in frames}) == 1
+        return torch.stack(outputs) if same_size else outputs
+
     def detail_gate_images(self, gate: torch.Tensor, height: int, width: int, output_type: str):
         if output_type != "pil":
             gate = gate.float().cpu()
@@ -235,7 +306,7 @@ class CheersPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         image=None,
-        strength: float = DEFAULT_EDIT_STRENGTH,
+        strength: float | None = None,
         context_image=None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -250,7 +321,10 @@ class CheersPipeline(DiffusionPipeline):
             prompt (`str` or `list[str]`): what to draw (or, with `image`, the edit instruction).
             negative_prompt (`str` or `list[str]`, *optional*): the unconditional prompt for guidance. By default the
                 official one: the prompt with every text token replaced by `<no_mean>`.
-            height, width (`int`, *optional*): output size, multiples of 32; default the model's native resolution.
+            height, width (`int`, *optional*): output size, multiples of 32. Text-to-image: default the model's
+                native resolution. Editing: default the source's own size; the model edits on a square canvas (the
+                source letterboxed, as official) of side max(height, width), default the native resolution, and the
+                region holding the source is resized to the output size.
             num_inference_steps (`int`, defaults to 80): network evaluations (the official grid has one more
                 Euler step, of size 1/N, at t = 1).
             guidance_scale (`float`, defaults to 9.5): classifier-free guidance weight; 1 disables guidance.
@@ -260,7 +334,7 @@ class CheersPipeline(DiffusionPipeline):
             generator (`torch.Generator` or list, *optional*): for reproducible noise.
             latents (`torch.Tensor`, *optional*): initial noise of shape (batch, latent_channels, h/16, w/16).
             image (*optional*): source image(s) to edit, one per prompt. The image is also shown to the model.
-            strength (`float`, defaults to 0.9): how much of the path to re-generate when editing (0.9 = the
+            strength (`float`, *optional*): editing only: how much of the path to re-generate; default 0.9 (the
                 official edit start time t0 = 0.1).
             context_image (*optional*): an image whose tokens are prepended to every prompt, as the official code does
                 with a random dummy image (`transformers_cheers.processing_cheers.official_dummy_image(seed)`);
@@ -277,29 +351,30 @@ class CheersPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        height, width = height or self.default_size, width or self.default_size
         editing = image is not None
         self.check_inputs(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-            strength if editing else 1.0, image, callback_on_step_end_tensor_inputs,
+            prompt, negative_prompt, height or self.default_size, width or self.default_size, num_inference_steps,
+            guidance_scale, strength, image, callback_on_step_end_tensor_inputs, num_images_per_prompt, output_type,
         )  # fmt: skip
-        if editing and height != width:
-            raise ValueError("Editing works on square images (the source is letterboxed): pass height == width.")
         self._guidance_scale, self._interrupt = guidance_scale, False
 
-        # 1. Prompts, repeated for num_images_per_prompt
+        # 1. Prompts (and edit sources), repeated for num_images_per_prompt
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = None
         if negative_prompt is not None:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
             negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
-        images = None
+        images, frames = None, None
         if editing:
             images = [image] * len(prompts) if not isinstance(image, list) else list(image)
             if len(images) != len(prompts):
                 raise ValueError(f"Pass one `image` per prompt: got {len(images)} images for {len(prompts)} prompts.")
             images = [img for img in images for _ in range(num_images_per_prompt)]
+            frames = self.edit_frames(images, height, width, output_type)
+            height = width = self.edit_canvas_side(height, width)
+        height, width = height or self.default_size, width or self.default_size
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        strength = (DEFAULT_EDIT_STRENGTH if strength is None else strength) if editing else 1.0
         device, dtype = self._execution_device, self.model.dtype
 
         # 2. Prompt caches (conditional and unconditional in one batch)
@@ -311,7 +386,7 @@ class CheersPipeline(DiffusionPipeline):
         scheduler = self.scheduler
         if time_shift is not None and time_shift != scheduler.config.time_shift:
             scheduler = CheersFlowMatchScheduler.from_config(scheduler.config, time_shift=time_shift)
-        scheduler.set_timesteps(num_inference_steps, device=device, strength=strength if editing else 1.0)
+        scheduler.set_timesteps(num_inference_steps, device=device, strength=strength)
         self._num_timesteps = len(scheduler.timesteps)
 
         # 4. Initial latents (editing: the letterboxed source's latent, noised to the start time, as official)
@@ -345,7 +420,12 @@ class CheersPipeline(DiffusionPipeline):
             images_out = latents
         else:
             pixels = self.model.model.decode_latents(latents)
-            images_out = self.processor.postprocess(pixels, output_type=output_type)
+            if editing:
+                pixels = self.edits_in_source_frames(pixels, frames)
+            if isinstance(pixels, list):  # edits of different sizes: PIL only (checked up front)
+                images_out = [self.processor.postprocess(frame, output_type="pil")[0] for frame in pixels]
+            else:
+                images_out = self.processor.postprocess(pixels, output_type=output_type)
         gate_maps = None
         if return_detail_gate and gate is not None:
             gate_maps = self.detail_gate_images(gate, height, width, output_type)
@@ -353,6 +433,18 @@ class CheersPipeline(DiffusionPipeline):
         if not return_dict:
             return (images_out, gate_maps) if return_detail_gate else (images_out,)
         return CheersPipelineOutput(images=images_out, detail_gate_maps=gate_maps)
+
+
+def unwrap_peft_model(model):
+    """The Cheers model inside a `peft.PeftModel` (its LoRA layers stay in place and active); checks the type."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if model is not None and not hasattr(getattr(model, "model", None), "compute_velocity"):
+        raise TypeError(
+            f"`model` must be a CheersForConditionalGeneration (or a peft.PeftModel wrapping one), got "
+            f"{type(model).__name__}: load it with CheersForConditionalGeneration.from_pretrained(...)."
+        )
+    return model
 
 
 def stack_prompt_inputs(batches: list, pad_token_id: int) -> dict:

@@ -132,3 +132,16 @@ def run_python_without_the_package(code: str, cwd) -> subprocess.CompletedProces
         cwd=cwd,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+
+
+def fake_hub_snapshot(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0" * 40) -> Path:
+    """Put `folder` in `cache_dir` as the Hub cache holds a downloaded snapshot of `repo_id` at `commit` (main), so
+    that Hub ids resolve offline exactly as after a real download. Returns the snapshot folder."""
+    import shutil
+
+    repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

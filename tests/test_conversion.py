@@ -88,9 +88,8 @@ def watched_system_temp_dir(folder: Path):
 
 @pytest.fixture(scope="module")
 def converted(golden, tmp_path_factory):
-    """The golden official checkpoint converted by the CLI (bf16, 2 shards, verification on, + a diffusers
-    pipeline folder next to it), with the system temp dir watched. Returns (folder, printed report); the pipeline
-    folder is folder.parent / "pipeline".
+    """The golden official checkpoint converted by the CLI (bf16, 2 shards, verification on; the folder is also a
+    diffusers pipeline), with the system temp dir watched. Returns (folder, printed report).
     """
     root = tmp_path_factory.mktemp("converted")
     output = root / "cheers-hf"
@@ -98,7 +97,7 @@ def converted(golden, tmp_path_factory):
     args = ["--input", golden.checkpoint, "--output", output, "--max-shard-size", SHARD_SIZE, "--quiet"]
     with watched_system_temp_dir(root.parent / f"{root.name}-system-temp") as callers:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = convert_cli.main([str(arg) for arg in [*args, "--pipeline-output", output.parent / "pipeline"]])
+            code = convert_cli.main([str(arg) for arg in args])
     system_temp = root.parent / f"{root.name}-system-temp"
     files = [str(path) for path in system_temp.rglob("*") if not is_empty_torch_cache_dir(path)]
     SYSTEM_TEMP_USE.update(callers=callers, files=files)
@@ -176,8 +175,10 @@ def test_cli_report_on_the_golden_checkpoint(converted, golden):
     errors = [float(value) for value in re.findall(r"relative L2 ([0-9.e+-]+)", verification.group(2))]
     assert len(errors) == 3 and errors[2] == pytest.approx(output_tolerance(torch.bfloat16), rel=1e-2)
     assert max(errors[:2]) <= errors[2]
-    assert f"diffusers pipeline: {folder.parent / 'pipeline'} (image max abs diff 0)" in report
-    assert sorted(path.name for path in folder.parent.iterdir()) == ["cheers-hf", "pipeline"]  # no staging left
+    assert (
+        "diffusers: model_index.json, pipeline code and scheduler_config.json written (image max abs diff 0)" in report
+    )
+    assert sorted(path.name for path in folder.parent.iterdir()) == ["cheers-hf"]  # no staging left
 
 
 def test_written_folder_contents(converted):
@@ -197,11 +198,17 @@ def test_written_folder_contents(converted):
         "tokenizer.json",
         "tokenizer_config.json",
         "chat_template.jinja",
+        "model_index.json",
+        "scheduler_config.json",
+        "diffusers_pipeline.py",
+        "pipeline_cheers.py",
     }
     assert expected <= set(names)
     assert not [name for name in names if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
     extra = set(names) - expected
-    assert all(name.endswith(".py") for name in extra), extra  # helper modules imported by modeling_cheers.py
+    assert all(name.endswith(".py") for name in extra), (
+        extra
+    )  # modules imported by modeling_cheers.py / pipeline_cheers.py
     for shard in folder.glob("*.safetensors"):
         assert shard.stat().st_size <= 20_000_000 + 100_000  # max shard size + header
     generation = json.loads((folder / "generation_config.json").read_text())
@@ -315,7 +322,7 @@ sys.modules["transformers_cheers"] = None  # importing our package fails from he
 from diffusers import DiffusionPipeline
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-folder, pipeline_folder, io, prompt_text, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+folder, io, prompt_text, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 expected = load_file(f"{io}/expected.safetensors")
 diffs = {}
 
@@ -346,8 +353,8 @@ diffs["logits"] = (logits.float() - expected["logits"]).abs().max().item()
 diffs["velocity"] = (velocity.velocity.float() - expected["velocity"]).abs().max().item()
 del model, lm
 
-# 2c. diffusers with trust_remote_code: the pipeline folder, same image as the native pipeline for a fixed seed
-pipe = DiffusionPipeline.from_pretrained(pipeline_folder, trust_remote_code=True, dtype=torch.bfloat16)
+# 2c. diffusers with trust_remote_code: the same folder, same image as the native pipeline for a fixed seed
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16)
 for component in (pipe, pipe.model, pipe.processor, pipe.scheduler):
     assert not type(component).__module__.startswith("transformers_cheers"), type(component)
 assert type(pipe).__name__ == "CheersPipeline" and pipe.model.dtype == torch.bfloat16
@@ -363,14 +370,13 @@ PROMPT, STEPS = "A red apple on a wooden table.", 2
 
 def test_loads_with_remote_code_and_as_a_diffusers_pipeline_without_the_package(converted, reference, tmp_path):
     """In a fresh process where transformers_cheers is unimportable: AutoModel / AutoModelForImageTextToText /
-    AutoProcessor / AutoImageProcessor from the converted folder, and DiffusionPipeline from the pipeline folder,
-    all with trust_remote_code, give exactly what the package gives."""
+    AutoProcessor / AutoImageProcessor and DiffusionPipeline from the converted folder, all with trust_remote_code,
+    give exactly what the package gives."""
     from PIL import Image
 
     from transformers_cheers import CheersFlowMatchScheduler, CheersPipeline, CheersProcessor
 
     folder, _ = converted
-    pipeline_folder = folder.parent / "pipeline"
     model, inputs, (logits, velocity) = reference
     processor = CheersProcessor.from_pretrained(folder)
     Image.new("RGB", (96, 64), (200, 30, 60)).save(tmp_path / "image.png")
@@ -395,12 +401,12 @@ def test_loads_with_remote_code_and_as_a_diffusers_pipeline_without_the_package(
     }
     save_file({key: value.contiguous() for key, value in expected.items()}, tmp_path / "expected.safetensors")
 
-    index = json.loads((pipeline_folder / "model_index.json").read_text())
-    assert index["_class_name"] == ["pipeline_cheers", "CheersPipeline"]
-    assert index["model"] == ["modeling_cheers", "CheersForConditionalGeneration"]
-    assert stored_tensors(pipeline_folder / "model") == stored_tensors(folder)  # the same bf16 shards
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["diffusers_pipeline", "CheersPipeline"]
+    assert index["model"] == ["cheers_repo_components", "CheersForConditionalGeneration"]
+    assert not any(path.is_dir() for path in folder.iterdir())  # every component loads from the root
     run = subprocess.run(
-        [sys.executable, "-c", WITHOUT_THE_PACKAGE, folder, pipeline_folder, tmp_path, PROMPT, str(STEPS)],
+        [sys.executable, "-c", WITHOUT_THE_PACKAGE, folder, tmp_path, PROMPT, str(STEPS)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -635,15 +641,13 @@ def test_a_differing_lm_head_is_dropped_when_the_official_config_ties(official_c
     assert "lm_head.weight" not in stored_tensors(tmp_path / "native")
 
 
-@pytest.mark.parametrize("existing", ["native", "pipeline"])
-def test_existing_output_needs_overwrite(golden, tmp_path, capsys, existing):
-    (tmp_path / existing).mkdir()
-    (tmp_path / existing / "keep.txt").write_text("mine")
-    args = ["--output", tmp_path / "native", "--pipeline-output", tmp_path / "pipeline"]
-    code, err = run_cli(capsys, "--input", golden.checkpoint, *args)
-    assert code == 1 and f"{existing} already exists; pass --overwrite to replace it" in err
-    assert (tmp_path / existing / "keep.txt").read_text() == "mine"
-    assert left_behind(tmp_path) == [existing]
+def test_existing_output_needs_overwrite(golden, tmp_path, capsys):
+    (tmp_path / "native").mkdir()
+    (tmp_path / "native" / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, "--input", golden.checkpoint, "--output", tmp_path / "native")
+    assert code == 1 and "native already exists; pass --overwrite to replace it" in err
+    assert (tmp_path / "native" / "keep.txt").read_text() == "mine"
+    assert left_behind(tmp_path) == ["native"]
 
 
 @pytest.mark.parametrize(
@@ -928,7 +932,7 @@ def test_load_official_checkpoint_is_strict(golden, monkeypatch):
 
 
 def test_nothing_is_written_to_the_system_temp_dir(converted):
-    """The fixture's full conversion (verification and pipeline folder included) ran with the temp dir watched."""
+    """The fixture's full conversion (verification and the diffusers check included) ran with the temp dir watched."""
     assert SYSTEM_TEMP_USE["files"] == [] and SYSTEM_TEMP_USE["callers"] == [], SYSTEM_TEMP_USE
 
 

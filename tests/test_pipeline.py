@@ -136,7 +136,30 @@ def test_editing_runs_from_the_source_image(pipe):
         output_type="np",
         callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {},
     )
-    assert len(steps) == 9 and output.images.shape == (1, 64, 64, 3)
+    assert len(steps) == 9 and output.images.shape == (1, 50, 80, 3)  # the source's size (height, width)
+
+
+def test_editing_keeps_the_source_size_unless_a_size_is_given(pipe):
+    """As diffusers' image-to-image pipelines: the output has the source's size, or `height` x `width`."""
+    wide, tall = PIL.Image.new("RGB", (160, 96), (200, 30, 30)), PIL.Image.new("RGB", (40, 70), (30, 30, 200))
+    kwargs = {"num_inference_steps": 2, "generator": torch.manual_seed(0)}
+    assert pipe("Make it blue.", image=wide, **kwargs).images[0].size == (160, 96)
+    both = pipe(["Make it blue.", "Make it red."], image=[wide, tall], **kwargs).images
+    assert [image.size for image in both] == [(160, 96), (40, 70)]
+    assert pipe("Make it blue.", image=wide, height=64, width=128, **kwargs).images[0].size == (128, 64)
+    with pytest.raises(ValueError, match=r"different output sizes .* pass `height` and `width`, or output_type='pil'"):
+        pipe(["a", "b"], image=[wide, tall], output_type="np", **kwargs)
+
+
+def test_editing_a_square_source_at_the_canvas_size_is_the_whole_canvas(fp32_pipe):
+    """The official editing path is unchanged: a square source fills the canvas, nothing is cut or resized."""
+    source = PIL.Image.new("RGB", (64, 64), (200, 30, 30))
+    kwargs = {"image": source, "num_inference_steps": 2, "height": 64, "width": 64}
+    latents = fp32_pipe("Make it blue.", generator=torch.manual_seed(0), output_type="latent", **kwargs).images
+    pixels = fp32_pipe("Make it blue.", generator=torch.manual_seed(0), output_type="pt", **kwargs).images
+    with torch.no_grad():
+        expected = fp32_pipe.model.model.decode_latents(latents).float().clamp(0, 1)
+    assert torch.equal(pixels, expected)
 
 
 def test_model_cpu_offload_hooks_run_and_are_released():
@@ -171,6 +194,13 @@ def test_save_and_load_round_trip(pipe, tmp_path):
         ({"negative_prompt": ["a", "b"]}, "`negative_prompt` has 2 entries but `prompt` has 1"),
         ({"image": PIL.Image.new("RGB", (8, 8)), "strength": 1.5}, "`strength` must be in [0, 1]"),
         ({"image": "not-an-image.png"}, "`image` must be a PIL image"),
+        (
+            {"strength": 0.5},
+            "no `image` was passed: pass the source as `image=` to edit it, or leave `strength` unset",
+        ),
+        ({"num_images_per_prompt": 0}, "`num_images_per_prompt` must be >= 1, got 0"),
+        ({"num_images_per_prompt": 1.5}, "`num_images_per_prompt` must be an integer >= 1"),
+        ({"output_type": "tensor"}, "`output_type` must be one of 'pil', 'np', 'pt', 'latent'; got 'tensor'"),
     ],
 )
 def test_bad_input_is_rejected(pipe, kwargs, message):

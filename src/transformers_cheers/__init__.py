@@ -1,5 +1,6 @@
 """transformers-cheers: the Hugging Face-native implementation of Cheers (arXiv 2603.12793)."""
 
+from diffusers.pipelines import auto_pipeline
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -24,6 +25,10 @@ AutoModelForImageTextToText.register(CheersConfig, CheersForConditionalGeneratio
 AutoModelForCausalLM.register(CheersConfig, CheersForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(CheersConfig, slow_image_processor_class=CheersImageProcessor, exist_ok=True)
 AutoProcessor.register(CheersConfig, CheersProcessor, exist_ok=True)
+# diffusers has no registration API for out-of-tree pipelines: its AutoPipeline classes find a pipeline by class name
+# in these tables, so Cheers is listed in them (text-to-image, and image-to-image for editing).
+for _mapping in (auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING, auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING):
+    _mapping.setdefault("cheers", CheersPipeline)
 
 __all__ = [
     "CheersConfig",

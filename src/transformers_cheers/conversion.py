@@ -65,8 +65,8 @@ class ConversionReport:
     generation_config: str = ""
     processor: str = ""
     verification: dict[str, float] | None = None
-    pipeline_dir: Path | None = None
-    pipeline_verification: dict[str, float] | None = None
+    diffusers: str = ""
+    diffusers_verification: dict[str, float] | None = None
     leftovers: list[str] = field(default_factory=list)
 
     def format(self) -> str:
@@ -90,9 +90,8 @@ class ConversionReport:
             lines.append("  verification: skipped (--no-verify)")
         else:
             lines.append(self.format_verification())
-        if self.pipeline_dir is not None:
-            numbers = ", ".join(f"{k} {v:.3g}" for k, v in (self.pipeline_verification or {}).items())
-            lines.append(f"  diffusers pipeline: {self.pipeline_dir}" + (f" ({numbers})" if numbers else ""))
+        numbers = ", ".join(f"{k} {v:.3g}" for k, v in (self.diffusers_verification or {}).items())
+        lines.append(f"  diffusers: {self.diffusers}" + (f" ({numbers})" if numbers else ""))
         return "\n".join(lines)
 
     def format_verification(self) -> str:
@@ -153,7 +152,6 @@ def convert_official_checkpoint(
     verify: bool = True,
     progress: bool = False,
     revision: str | None = None,
-    pipeline_output=None,
 ) -> ConversionReport:
     """Convert `input_dir` (an official-layout folder, or a Hub repo id) into a native folder at `output_dir`.
 
@@ -161,10 +159,11 @@ def convert_official_checkpoint(
     expected shape; floating weights are cast to `dtype`, BatchNorm statistics kept in float32, the tied lm_head
     checked against the embeddings. The weights are written as safetensors shards of at most `max_shard_size`
     (with an index when there are several), next to config.json, generation_config.json (official sampling
-    defaults), the processor files and the code files that make the folder load with trust_remote_code. With
-    `verify`, the written folder is re-read (names, shapes, dtypes) and loaded, and its logits and one velocity
-    step are compared with the same computation on the unconverted weights; any difference is an error.
-    `pipeline_output` also writes a diffusers pipeline folder.
+    defaults), the processor files and the code files that make the folder load with trust_remote_code. When the
+    official folder has tokenizer files, the folder is also a diffusers pipeline (model_index.json, the pipeline
+    code, scheduler_config.json; see `write_diffusers_files`). With `verify`, the written folder is re-read (names,
+    shapes, dtypes) and loaded, and its logits and one velocity step are compared with the same computation on the
+    unconverted weights; any difference is an error.
 
     The folder is assembled in a hidden sibling (`.NAME.partial-PID-XXXX`) and renamed into place at the end, so a
     failed or interrupted run leaves nothing behind and an existing folder is replaced only once the new one is
@@ -175,22 +174,19 @@ def convert_official_checkpoint(
         raise ConversionError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
     check_shard_size(max_shard_size)
     output_dir = Path(output_dir)
-    targets = [output_dir] + ([Path(pipeline_output)] if pipeline_output is not None else [])
-    for target in targets:
-        if target.exists() and not overwrite:
-            raise ConversionError(f"{target} already exists; pass --overwrite to replace it.")
+    if output_dir.exists() and not overwrite:
+        raise ConversionError(f"{output_dir} already exists; pass --overwrite to replace it.")
     input_dir = resolve_input(input_dir, revision)
-    for target in targets:
-        if target.resolve() == input_dir.resolve() or input_dir.resolve() in target.resolve().parents:
-            raise ConversionError(f"The output {target} must not be inside the input folder {input_dir}.")
-    leftovers = [line for target in targets for line in clean_leftovers(target)]
+    if output_dir.resolve() == input_dir.resolve() or input_dir.resolve() in output_dir.resolve().parents:
+        raise ConversionError(f"The output {output_dir} must not be inside the input folder {input_dir}.")
+    leftovers = clean_leftovers(output_dir)
     with progress_bars(progress):
-        report = _convert(input_dir, output_dir, DTYPES[dtype], max_shard_size, verify, progress, pipeline_output)
+        report = _convert(input_dir, output_dir, DTYPES[dtype], max_shard_size, verify, progress)
     report.leftovers = leftovers
     return report
 
 
-def _convert(input_dir, output_dir, torch_dtype, max_shard_size, verify, progress, pipeline_output):
+def _convert(input_dir, output_dir, torch_dtype, max_shard_size, verify, progress):
     dtype = str(torch_dtype).removeprefix("torch.")
     try:
         converted = convert_official_folder(input_dir, torch_dtype, progress=progress)
@@ -224,16 +220,17 @@ def _convert(input_dir, output_dir, torch_dtype, max_shard_size, verify, progres
         )
         if verify:
             report.verification = verify_against_official(staging, input_dir, torch_dtype)
-        if pipeline_output is not None:
-            pipeline_staging = stack.enter_context(staging_folder(Path(pipeline_output)))
+        if (staging / "processor_config.json").is_file():
+            write_diffusers_files(staging)
             normalise_permissions(staging)
-            report.pipeline_verification = write_pipeline_folder(staging, pipeline_staging, torch_dtype, verify)
-            report.pipeline_dir = Path(pipeline_output)
-        # Everything is written and checked: only renames are left.
+            report.diffusers = "model_index.json, pipeline code and scheduler_config.json written"
+            if verify:
+                report.diffusers_verification = verify_diffusers_files(staging, torch_dtype)
+        else:
+            report.diffusers = "not written (the diffusers pipeline needs the processor)"
+        # Everything is written and checked: only the rename is left.
         normalise_permissions(staging)
         replace_folder(staging, output_dir)
-        if pipeline_output is not None:
-            replace_folder(pipeline_staging, Path(pipeline_output))
     return report
 
 
@@ -601,49 +598,51 @@ def compare_outputs(ours: tuple, theirs: tuple, dtype: torch.dtype) -> dict[str,
     return result
 
 
-# The pipeline folder's model_index.json names classes in code files that travel with it, so that
-# DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) needs no transformers_cheers: the pipeline class in
-# the root folder, each component's class in its subfolder.
-PIPELINE_INDEX = {
-    "_class_name": ["pipeline_cheers", "CheersPipeline"],
-    "model": ["modeling_cheers", "CheersForConditionalGeneration"],
-    "processor": ["processing_cheers", "CheersProcessor"],
-    "scheduler": ["scheduling_cheers", "CheersFlowMatchScheduler"],
+# A converted folder is also a diffusers pipeline: model_index.json names the remote-code entry file as the pipeline
+# and, for every component, the library that entry file registers; with no component subfolders, diffusers loads each
+# component from the root (see pipelines/diffusers_pipeline.py). The pipeline code sits next to the model code.
+DIFFUSERS_ENTRY = "diffusers_pipeline"
+DIFFUSERS_COMPONENTS = {
+    "model": "CheersForConditionalGeneration",
+    "processor": "CheersProcessor",
+    "scheduler": "CheersFlowMatchScheduler",
 }
 PIPELINE_CHECK_STEPS = 1
 
 
-def write_pipeline_folder(model_dir: Path, pipeline_dir: Path, dtype: torch.dtype, verify: bool) -> dict[str, float]:
-    """A diffusers pipeline folder for the converted model in `model_dir`, written into the empty `pipeline_dir`.
-
-    Layout (as `CheersPipeline.save_pretrained` writes it, plus code): model/ (the converted weights and model code,
-    copied), processor/ (processor, tokenizer, chat template, code), scheduler/ (official sampler settings, code),
-    the pipeline code at the top and model_index.json pointing at those code files. With `verify`, the folder is
-    loaded with `DiffusionPipeline.from_pretrained(pipeline_dir, trust_remote_code=True)` and must give the same
-    image as `CheersPipeline` built from `model_dir` (fixed seed, one step at a small size). Returns the max abs diff.
-    """
+def write_diffusers_files(folder: Path) -> None:
+    """model_index.json, the pipeline code files and scheduler_config.json (official sampler settings)."""
     import diffusers
 
-    from .pipelines import CheersFlowMatchScheduler, pipeline_cheers, scheduling_cheers
-    from .processing_cheers import CheersProcessor
+    from .pipelines import CheersFlowMatchScheduler, pipeline_cheers
+    from .pipelines.folders import COMPONENTS_LIBRARY
 
-    if not (model_dir / "processor_config.json").is_file():
-        raise ConversionError("--pipeline-output needs the processor: the official folder has no tokenizer files.")
-    processor = CheersProcessor.from_pretrained(model_dir)
-    processor.save_pretrained(pipeline_dir / "processor")
-    processor_files = {path.name for path in (pipeline_dir / "processor").iterdir()}
-    (pipeline_dir / "model").mkdir()
-    for path in sorted(model_dir.iterdir()):
-        if path.is_file() and path.name not in processor_files:
-            shutil.copy2(path, pipeline_dir / "model" / path.name)
-    CheersFlowMatchScheduler().save_pretrained(pipeline_dir / "scheduler")
-    copy_code(Path(scheduling_cheers.__file__), pipeline_dir / "scheduler")
-    copy_code(Path(pipeline_cheers.__file__), pipeline_dir)
-    index = {"_class_name": PIPELINE_INDEX["_class_name"], "_diffusers_version": diffusers.__version__}
-    index.update({name: entry for name, entry in PIPELINE_INDEX.items() if not name.startswith("_")})
-    (pipeline_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    normalise_permissions(pipeline_dir)
-    return verify_pipeline_folder(model_dir, pipeline_dir, dtype) if verify else {}
+    # The entry file is not importable inside the package (its relative imports name the model code), so it is
+    # copied by path, next to pipeline_cheers.py.
+    copy_code(Path(pipeline_cheers.__file__), folder)
+    shutil.copy2(Path(pipeline_cheers.__file__).with_name(f"{DIFFUSERS_ENTRY}.py"), folder / f"{DIFFUSERS_ENTRY}.py")
+    CheersFlowMatchScheduler().save_pretrained(folder)
+    library = COMPONENTS_LIBRARY
+    index = {"_class_name": [DIFFUSERS_ENTRY, "CheersPipeline"], "_diffusers_version": diffusers.__version__}
+    index.update({name: [library, class_name] for name, class_name in DIFFUSERS_COMPONENTS.items()})
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    check_relative_imports(folder / f"{DIFFUSERS_ENTRY}.py")
+
+
+def check_relative_imports(module_file: Path) -> None:
+    """Every module `module_file` imports relatively, recursively, is a file next to it."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    pending, seen = [module_file], set()
+    while pending:
+        current = pending.pop()
+        seen.add(current.name)
+        for name in get_relative_imports(str(current)):
+            path = module_file.parent / f"{name}.py"
+            if not path.is_file():
+                raise ConversionError(f"{current.name} imports .{name}, which is not in the written folder.")
+            if path.name not in seen:
+                pending.append(path)
 
 
 def copy_code(module_file: Path, folder: Path) -> None:
@@ -655,34 +654,26 @@ def copy_code(module_file: Path, folder: Path) -> None:
 
 
 @torch.no_grad()
-def verify_pipeline_folder(model_dir: Path, pipeline_dir: Path, dtype: torch.dtype) -> dict[str, float]:
-    """The remote-code pipeline folder and the native pipeline give the same latents and image for a fixed seed."""
+def verify_diffusers_files(folder: Path, dtype: torch.dtype) -> dict[str, float]:
+    """`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` runs the folder's own code and gives the
+    same image as `CheersPipeline.from_pretrained(folder)` (installed code) for a fixed seed."""
     from diffusers import DiffusionPipeline
 
-    from .modeling_cheers import CheersForConditionalGeneration
-    from .pipelines import CheersFlowMatchScheduler, CheersPipeline
-    from .processing_cheers import CheersProcessor
+    from .pipelines import CheersPipeline
 
-    def run(pipe) -> dict[str, torch.Tensor]:
+    def run(pipe) -> torch.Tensor:
         pipe.set_progress_bar_config(disable=True)
         side = 2 * pipe.model.config.image_size_multiple  # small: an identity check, not a quality check
         kwargs = {"num_inference_steps": PIPELINE_CHECK_STEPS, "output_type": "pt", "height": side, "width": side}
         return pipe("A red apple on a wooden table.", generator=torch.manual_seed(0), **kwargs).images.float()
 
-    native = CheersPipeline(
-        model=CheersForConditionalGeneration.from_pretrained(model_dir, dtype=dtype),
-        processor=CheersProcessor.from_pretrained(model_dir),
-        scheduler=CheersFlowMatchScheduler(),
-    )
-    expected = run(native)
-    del native
-    loaded = DiffusionPipeline.from_pretrained(pipeline_dir, trust_remote_code=True, dtype=dtype)
-    if type(loaded).__module__.startswith("transformers_cheers"):
-        raise VerificationError("The pipeline folder loaded the installed package instead of its own code files.")
-    image = run(loaded)
-    result = {"image max abs diff": max_abs_diff(image, expected)}
+    expected = run(CheersPipeline.from_pretrained(folder, dtype=dtype))
+    loaded = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
+    if any(type(part).__module__.startswith("transformers_cheers") for part in (loaded, loaded.model)):
+        raise VerificationError("diffusers loaded the installed package instead of the folder's own code files.")
+    result = {"image max abs diff": max_abs_diff(run(loaded), expected)}
     if not result["image max abs diff"] == 0:
-        raise VerificationError(f"The pipeline folder does not reproduce the native pipeline: {result}.")
+        raise VerificationError(f"diffusers' remote-code pipeline does not reproduce CheersPipeline: {result}.")
     return result
 
 

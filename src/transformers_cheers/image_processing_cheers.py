@@ -135,6 +135,16 @@ class CheersImageProcessor(PilBackend):
         grid = [[resolution // patch_size, resolution // patch_size]] * len(pixel_values)
         return BatchFeature({"pixel_values": pixel_values, "image_grid_hw": grid}, tensor_type=return_tensors)
 
+    @staticmethod
+    def letterbox_region(height: int, width: int, resolution: int) -> tuple[int, int, int, int]:
+        """`(top, left, height, width)` of a `height` x `width` image inside its letterboxed `resolution` square."""
+        size = scaled_size(height, width, min(resolution / height, resolution / width))
+        return (resolution - size.height) // 2, (resolution - size.width) // 2, size.height, size.width
+
+    def image_sizes(self, images) -> list[tuple[int, int]]:
+        """`(height, width)` of each image (PIL, numpy channels-last, torch channels-first, or a file path)."""
+        return [(image.height, image.width) for image in map(to_rgb_image, self._prepare_images_structure(images))]
+
     def letterbox(self, image: np.ndarray, resolution: int, resample: PILImageResampling) -> np.ndarray:
         """Resize the longest side to `resolution` and centre the result on a black square."""
         height, width = image.shape[-2:]
