@@ -317,10 +317,22 @@ def world_description() -> dict:
     }
 
 
-def write_world_card(folder: str | os.PathLike) -> Path:
-    """Mark `folder` (a saved model) as a Cheers-Shapes model: write `cheers_shapes.json` into it."""
+def write_world_card(folder: str | os.PathLike, sampling: dict | None = None) -> Path:
+    """Mark `folder` (a saved model) as a Cheers-Shapes model: write `cheers_shapes.json` into it.
+
+    `sampling` (optional), e.g. `{"num_inference_steps": 20, "guidance_scale": 4.0}`: the settings the model is
+    meant to be sampled with; `benchmarks/eval_shapes.py` uses them as its defaults.
+    """
+    card = world_description()
+    if sampling:
+        unknown = set(sampling) - {"num_inference_steps", "guidance_scale", "time_shift"}
+        if unknown:
+            raise ValueError(
+                f"Unknown sampling setting(s) {sorted(unknown)}; use num_inference_steps, guidance_scale, time_shift."
+            )
+        card["sampling"] = dict(sampling)
     path = Path(folder) / WORLD_CARD_NAME
-    path.write_text(json.dumps(world_description(), indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return path
 
 
