@@ -77,7 +77,7 @@ WORLD_CARD_NAME = "cheers_shapes.json"
 
 
 def caption(colour: str, shape: str, position: str | None = None) -> str:
-    """ "a red circle on the left", or "a red circle" without a position."""
+    """The caption "a red circle on the left", or "a red circle" without a position."""
     return f"a {colour} {shape}" + (f" on the {position}" if position else "")
 
 
@@ -91,7 +91,7 @@ def is_held_out(colour: str, shape: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-    """One shape: its colour, kind, and bounding box (`left`, `top`, `size` in px; the box is `size` x `size`)."""
+    """One shape: its colour, its shape and its bounding box (`left`, `top`, `size` in px; the box is `size` x `size`)."""
 
     colour: str
     shape: str
