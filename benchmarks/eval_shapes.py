@@ -249,7 +249,7 @@ def main():
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     sampling = card.get("sampling", {})
-    steps = args.steps or sampling.get("num_inference_steps", DEFAULT_STEPS)
+    steps = args.steps if args.steps is not None else sampling.get("num_inference_steps", DEFAULT_STEPS)
     guidance = args.guidance if args.guidance is not None else sampling.get("guidance_scale", DEFAULT_GUIDANCE)
     time_shift = sampling.get("time_shift")  # None: the scheduler's own
     print(f"Cheers-Shapes evaluation of {folder} ({card['world']} v{card['version']}), seed {args.seed}, {args.dtype}")
