@@ -3,15 +3,17 @@
 Two layouts hold a Cheers pipeline:
 
 * a converted model repo (the converter's output): `config.json` with `model_type` "cheers", the processor files and
-  `scheduler_config.json` in the root. Its `model_index.json` (written by the converter for diffusers' remote code)
-  names the root for every component;
-* a pipeline folder (`CheersPipeline.save_pretrained`, older converter outputs): `model/`, `processor/`, `scheduler/`.
+  `scheduler_config.json` in the root. Its `model_index.json` names a remote-code entry file for diffusers users
+  without this package (see diffusers_pipeline.py); here the components are built from the root directly;
+* a pipeline folder (`CheersPipeline.save_pretrained`): `model/`, `processor/`, `scheduler/` and a `model_index.json`
+  naming this package's classes, which diffusers' own loader reads (dtype dicts, variants, device maps...).
 
-Components are built through the transformers Auto classes, which resolve to this package's registered classes: code
-files that travel with a folder are never run here (no `trust_remote_code`).
+Root components are built through the transformers Auto classes, which resolve to this package's registered classes:
+code files that travel with a folder are never run here (no `trust_remote_code`).
 """
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -21,67 +23,67 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from .scheduling_cheers import CheersFlowMatchScheduler
 
 
+logger = logging.getLogger(__name__)
+
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
 # What a Cheers folder needs; code files (*.py) are never downloaded: the installed package is the code.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 # The library name a converted repo's model_index.json gives its components (registered by diffusers_pipeline.py).
 COMPONENTS_LIBRARY = "cheers_repo_components"
+COMPONENTS = ("model", "processor", "scheduler")
 CONVERTER_COMMAND = "python conversion/convert_cheers_to_hf.py --input {source} --output ./cheers-hf"
 
 
-def load_pipeline_components(pretrained_model_name_or_path, **kwargs) -> dict:
-    """`model`, `processor` and `scheduler` for `CheersPipeline(**components)`; passed components are kept."""
+def locate_pipeline(pretrained_model_name_or_path, kwargs: dict) -> tuple[Path, str]:
+    """`(local folder, layout)`, layout "model_repo" or "pipeline_folder"; Hub options are taken out of `kwargs`."""
     hub_kwargs = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
-    passed = {name: kwargs.pop(name) for name in ("model", "processor", "scheduler") if name in kwargs}
-    if "torch_dtype" in kwargs:  # the diffusers spelling; transformers says dtype
-        kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
-    kwargs.pop("trust_remote_code", None)  # never needed: the installed code is used
-    folder = local_folder(pretrained_model_name_or_path, hub_kwargs)
-    roots = component_folders(folder, pretrained_model_name_or_path)
-    components = dict(passed)
-    if "model" not in components:
-        components["model"] = AutoModelForImageTextToText.from_pretrained(roots["model"], **kwargs)
-    if "processor" not in components:
-        components["processor"] = AutoProcessor.from_pretrained(roots["processor"])
-    if "scheduler" not in components:
-        components["scheduler"] = load_scheduler(roots["scheduler"])
-    return components
-
-
-def local_folder(name_or_path, hub_kwargs: dict) -> Path:
-    if os.path.isdir(name_or_path):
-        return Path(name_or_path)
-    return Path(snapshot_download(str(name_or_path), allow_patterns=DOWNLOAD_PATTERNS, **hub_kwargs))
-
-
-def component_folders(folder: Path, source) -> dict[str, Path]:
-    """The folder each component loads from, after checking that `folder` holds a Cheers pipeline."""
-    if (folder / "model" / "config.json").is_file():
-        model_type = read_model_type(folder / "model" / "config.json")
+    source = pretrained_model_name_or_path
+    if os.path.isdir(source):
+        folder = Path(source)
+    else:
+        folder = Path(snapshot_download(str(source), allow_patterns=DOWNLOAD_PATTERNS, **hub_kwargs))
+    if (folder / "config.json").is_file():
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
         if model_type == "cheers":
-            return {name: folder / name for name in ("model", "processor", "scheduler")}
-    elif (folder / "config.json").is_file():
-        model_type = read_model_type(folder / "config.json")
-        if model_type == "cheers":
-            return dict.fromkeys(("model", "processor", "scheduler"), folder)
+            return folder, "model_repo"
         if model_type == "umm":
             raise ValueError(
                 f"{source} is an official Cheers checkpoint (model_type 'umm'): convert it once to the native layout "
                 f"and load the result: {CONVERTER_COMMAND.format(source=source)}"
             )
-    else:
         raise ValueError(
-            f"{source} has no config.json (a converted Cheers model repo) and no model/config.json (a pipeline "
-            "folder): pass the folder the converter or `CheersPipeline.save_pretrained` wrote."
+            f"{source} holds a model of type {model_type!r}, not a Cheers model ('cheers'): CheersPipeline loads "
+            "converted Cheers repos and Cheers pipeline folders only."
         )
+    if (folder / "model_index.json").is_file():
+        return folder, "pipeline_folder"
     raise ValueError(
-        f"{source} holds a model of type {model_type!r}, not a Cheers model ('cheers'): CheersPipeline loads converted "
-        "Cheers repos and Cheers pipeline folders only."
+        f"{source} has no config.json (a converted Cheers model repo) and no model_index.json (a pipeline folder): "
+        "pass the folder the converter or `CheersPipeline.save_pretrained` wrote."
     )
 
 
-def read_model_type(config_file: Path):
-    return json.loads(config_file.read_text()).get("model_type")
+def load_root_components(folder: Path, **kwargs) -> dict:
+    """`model`, `processor` and `scheduler` of a converted model repo; passed components are kept.
+
+    `dtype` may be one dtype or, as in diffusers, a dict by component name with a "default"; the other keyword
+    arguments go to the model's `from_pretrained` (`device_map`, `attn_implementation`, `quantization_config`...).
+    """
+    components = {name: kwargs.pop(name) for name in COMPONENTS if name in kwargs}
+    if "torch_dtype" in kwargs:  # the older diffusers spelling
+        kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+    if isinstance(kwargs.get("dtype"), dict):
+        kwargs["dtype"] = kwargs["dtype"].get("model", kwargs["dtype"].get("default"))
+    kwargs.pop("trust_remote_code", None)  # never needed: the installed code is used
+    if "model" not in components:
+        components["model"] = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
+    if "processor" not in components:
+        components["processor"] = AutoProcessor.from_pretrained(folder)
+    if "scheduler" not in components:
+        components["scheduler"] = load_scheduler(folder)
+    for name, component in components.items():
+        logger.info(f"Loaded {name} as {type(component).__name__} from the root of {folder}.")
+    return components
 
 
 def load_scheduler(folder: Path) -> CheersFlowMatchScheduler:

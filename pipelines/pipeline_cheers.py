@@ -15,7 +15,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .folders import load_pipeline_components
+from .folders import load_root_components, locate_pipeline
 from .sampling import denoise
 from .scheduling_cheers import CheersFlowMatchScheduler
 
@@ -79,17 +79,20 @@ class CheersPipeline(DiffusionPipeline):
 
         A converted model repo (the converter's output: `config.json` with `model_type` "cheers", the processor files
         and, optionally, `scheduler_config.json`) gives all three components from its root; a pipeline folder
-        (`model/`, `processor/`, `scheduler/` subfolders, as `save_pretrained` writes it) from its subfolders. Neither
-        needs `trust_remote_code`: the installed classes are used, never code files shipped in the folder.
+        (`model/`, `processor/`, `scheduler/` subfolders, as `save_pretrained` writes it) is read by diffusers' own
+        loader. Neither needs `trust_remote_code`: the installed classes are used, never code files in the folder.
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): a local folder or a Hub repo id.
             model, processor, scheduler (*optional*): components to use instead of loading them.
             cache_dir, revision, token, local_files_only, force_download, proxies (*optional*): Hub download options.
-            kwargs: passed on to `CheersForConditionalGeneration.from_pretrained` (`dtype`, `device_map`,
-                `attn_implementation`, `quantization_config`, ...).
+            kwargs: passed on to `CheersForConditionalGeneration.from_pretrained` (`dtype`, also a dict by component
+                name with a "default" as in diffusers, `device_map`, `attn_implementation`, `quantization_config`...).
         """
-        return cls(**load_pipeline_components(pretrained_model_name_or_path, **kwargs))
+        folder, layout = locate_pipeline(pretrained_model_name_or_path, kwargs)
+        if layout == "pipeline_folder":
+            return super().from_pretrained(folder, **kwargs)
+        return cls(**load_root_components(folder, **kwargs))
 
     # ---- properties ------------------------------------------------------------------------------------------------
 
