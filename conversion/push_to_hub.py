@@ -45,7 +45,7 @@ def folder_summary(folder: Path) -> dict:
     }
 
 
-def model_card(repo_id: str, folder, base_model: str | None = None, pipeline_repo_id: str | None = None) -> str:
+def model_card(repo_id: str, folder, base_model: str | None = None) -> str:
     """README.md for a converted folder: metadata (Apache-2.0), the four ways to use it, the citation."""
     from huggingface_hub import ModelCardData
 
@@ -65,7 +65,6 @@ def model_card(repo_id: str, folder, base_model: str | None = None, pipeline_rep
             "diffusers",
         ],
     )
-    pipeline_repo = pipeline_repo_id or "path/to/cheers-pipeline"
     return f"""---
 {data.to_yaml()}
 ---
@@ -117,16 +116,20 @@ processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
 
 ## Text-to-image with diffusers
 
+This repository is also a diffusers pipeline (`model_index.json`; the components load from the root, so the
+weights are stored once).
+
 ```python
 import torch
-from transformers_cheers import CheersFlowMatchScheduler, CheersPipeline
+from transformers_cheers import CheersPipeline
 
-pipe = CheersPipeline(model=model, processor=processor, scheduler=CheersFlowMatchScheduler())
+pipe = CheersPipeline.from_pretrained("{repo_id}", dtype=torch.bfloat16).to("cuda")
 image = pipe("A red apple on a wooden table.", generator=torch.manual_seed(0)).images[0]
+edited = pipe("Make the apple green.", image=image).images[0]
 
-# or, from a pipeline folder written with `convert_cheers_to_hf.py --pipeline-output`:
+# or, without the package:
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("{pipeline_repo}", trust_remote_code=True, torch_dtype=torch.bfloat16)
+pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True, dtype=torch.bfloat16)
 ```
 
 ## Fine-tuning with LoRA (PEFT)
@@ -177,7 +180,6 @@ def push_to_hub(
     create_pr: bool = False,
     commit_message: str | None = None,
     base_model: str | None = None,
-    pipeline_repo_id: str | None = None,
     card: str | None = None,
     token: str | None = None,
     large_folder: bool = False,
@@ -202,7 +204,7 @@ def push_to_hub(
         raise ConversionError(f"{folder} contains pickled weights; only safetensors are uploaded.")
     api = api or HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True).repo_id
-    card = card if card is not None else model_card(repo_id, folder, base_model, pipeline_repo_id)
+    card = card if card is not None else model_card(repo_id, folder, base_model)
     message = commit_message or "Upload Cheers (converted with transformers-cheers)"
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
@@ -237,7 +239,6 @@ def main(argv=None) -> int:
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--base-model", default=None, help="Hub id of the official checkpoint, for the card")
-    parser.add_argument("--pipeline-repo-id", default=None, help="Hub id of the diffusers pipeline repo, for the card")
     parser.add_argument("--large-folder", action="store_true", help="pipelined multi-commit upload")
     parser.add_argument("--token", default=None, help="Hub token (default: the saved login / HF_TOKEN)")
     args = parser.parse_args(argv)
@@ -250,7 +251,6 @@ def main(argv=None) -> int:
             create_pr=args.create_pr,
             commit_message=args.commit_message,
             base_model=args.base_model,
-            pipeline_repo_id=args.pipeline_repo_id,
             token=args.token,
             large_folder=args.large_folder,
         )

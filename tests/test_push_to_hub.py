@@ -238,7 +238,7 @@ def test_push_refuses_pickles_and_non_converted_folders(folder, tmp_path):
 
 
 def test_model_card(folder):
-    card = model_card(REPO, folder, base_model="AI9Stars/Cheers", pipeline_repo_id="someone/cheers-pipeline")
+    card = model_card(REPO, folder, base_model="AI9Stars/Cheers")
     data = ModelCard(card).data
     assert data.license == "apache-2.0" and data.library_name == "transformers"
     assert data.base_model == "AI9Stars/Cheers" and "cheers" in data.tags
@@ -246,7 +246,8 @@ def test_model_card(folder):
         f'CheersForConditionalGeneration.from_pretrained("{REPO}"',
         f'AutoModelForImageTextToText.from_pretrained("{REPO}", trust_remote_code=True',
         f'AutoProcessor.from_pretrained("{REPO}", trust_remote_code=True)',
-        'DiffusionPipeline.from_pretrained("someone/cheers-pipeline", trust_remote_code=True',
+        f'CheersPipeline.from_pretrained("{REPO}"',
+        f'DiffusionPipeline.from_pretrained("{REPO}", trust_remote_code=True',
         "LoraConfig(",
         "arXiv 2603.12793",
         "https://arxiv.org/abs/2603.12793",
