@@ -64,7 +64,9 @@ def test_from_pretrained_passes_dtype_and_keeps_passed_components(model_repo, ti
     scheduler = CheersFlowMatchScheduler(time_shift=0.7)
     pipeline = CheersPipeline.from_pretrained(model_repo, torch_dtype=torch.bfloat16, scheduler=scheduler)
     assert pipeline.model.dtype == torch.bfloat16 and pipeline.scheduler is scheduler
-    by_component = CheersPipeline.from_pretrained(model_repo, dtype={"model": torch.bfloat16, "default": torch.float16})
+    by_component = CheersPipeline.from_pretrained(
+        model_repo, dtype={"model": torch.bfloat16, "default": torch.float16}
+    )
     assert by_component.model.dtype == torch.bfloat16  # diffusers' dtype dict: per component, then "default"
 
 
