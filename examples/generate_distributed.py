@@ -22,8 +22,8 @@ Output (in --output-dir):
                               seconds, process_index, finished_at. Written by the main process at the end.
   manifest-parts/process-N.jsonl  what process N finished (appended, one line per image; the manifest is built from
                               these, so no two processes ever write the same file).
-  generation_settings.json    the settings of the first run; a later run with other settings stops (its images would
-                              differ from those already there).
+  generation_settings.json    model, device type, dtype, steps, guidance, time shift and size of the first run; a
+                              later run with others stops (its images would not match those already there).
 
 Resuming: a prompt is done when its PNG exists. A PNG is written under a temporary name, its manifest-parts line is
 appended, and only then is it renamed into place: a crash leaves no PNG that looks finished, and no finished PNG
@@ -295,6 +295,7 @@ def parse_args(argv=None):
 
 
 def run_settings(args, device: torch.device, dtype: torch.dtype) -> dict:
+    """What changes an image without changing its file name (prompt, negative prompt and seed are in the name)."""
     model = args.model or TINY_MODEL
     if args.model and Path(args.model).exists():
         model = str(Path(args.model).resolve())
@@ -306,8 +307,6 @@ def run_settings(args, device: torch.device, dtype: torch.dtype) -> dict:
         "guidance": args.guidance,
         "time_shift": args.time_shift,
         "size": args.size,
-        "base_seed": args.seed,
-        "negative_prompt": args.negative_prompt,
     }
 
 

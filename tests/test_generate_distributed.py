@@ -204,3 +204,15 @@ def test_model_folder_and_pipeline_folder_give_the_tiny_models_images(script, tm
     for folder in ("model", "pipeline"):
         image = script.generate(script.load_pipeline(str(tmp_path / folder), torch.float32, device), job, args, device)
         assert image.tobytes() == expected.tobytes(), folder
+
+
+def test_a_launch_that_started_one_process_warns(script, monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` without MPI starts one process; say so, with the command to use."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    class OneProcess:
+        num_processes = 1
+
+    with pytest.warns(UserWarning, match="This run uses ONE process"):
+        script.warn_if_launch_fell_back(OneProcess())
