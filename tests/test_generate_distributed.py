@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import PartialState
+from transformers.utils import logging as transformers_logging
 
 from transformers_cheers.tiny import tiny_cheers
 
@@ -42,6 +43,7 @@ def run_here(script, monkeypatch):
             return script.main(["--cpu", *map(str, args)])
         finally:
             PartialState._reset_state()
+            transformers_logging.enable_progress_bar()  # main() turns the weight-loading bars off
 
     return run
 
