@@ -23,8 +23,8 @@ def load(model_path: str | None, dtype: str = "auto"):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = preferred_dtype(device) if dtype == "auto" else getattr(torch, dtype)
     if model_path is None:
-        model, processor = tiny_cheers()
-        return model.to(device=device, dtype=dtype), processor
+        model, processor = tiny_cheers(dtype=dtype)
+        return model.to(device), processor
     model = CheersForConditionalGeneration.from_pretrained(model_path, dtype=dtype).to(device).eval()
     return model, CheersProcessor.from_pretrained(model_path)
 

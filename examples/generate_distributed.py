@@ -53,10 +53,9 @@ from transformers.utils import logging as transformers_logging
 
 from transformers_cheers import (
     CheersFlowMatchScheduler,
-    CheersForConditionalGeneration,
     CheersPipeline,
-    CheersProcessor,
 )
+from transformers_cheers.cpu_bf16 import preferred_dtype
 from transformers_cheers.tiny import tiny_cheers
 
 
@@ -233,28 +232,16 @@ def job_fields(job: PromptJob) -> dict:
 
 
 def load_pipeline(model_path: str | None, dtype: torch.dtype, device: torch.device) -> CheersPipeline:
-    """A pipeline on `device` from a pipeline folder, a converted model folder or Hub id, or the tiny random model."""
-    if model_path is not None and (Path(model_path) / "model_index.json").is_file():
-        pipe = CheersPipeline.from_pretrained(model_path, dtype=dtype).to(device)
-    else:
-        model, processor = load_model(model_path, dtype, device)
+    """A pipeline on `device` from a converted model folder, a pipeline folder or Hub id, or the tiny random model
+    (seeded: the same on every process)."""
+    if model_path is None:
+        model, processor = tiny_cheers(dtype=dtype)
         pipe = CheersPipeline(model=model, processor=processor, scheduler=CheersFlowMatchScheduler())
+    else:
+        pipe = CheersPipeline.from_pretrained(model_path, dtype=dtype)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def load_model(model_path: str | None, dtype: torch.dtype, device: torch.device):
-    if model_path is None:
-        # The seeded tiny model (the same on every process) is loaded as a real one would be: from_pretrained(dtype=)
-        # keeps the fp32-only buffers (`_keep_in_fp32_modules_strict`) in fp32, which a plain `.to(dtype)` would not.
-        tiny, processor = tiny_cheers()
-        model = CheersForConditionalGeneration.from_pretrained(
-            None, config=tiny.config, state_dict=tiny.state_dict(), dtype=dtype, device_map=device
-        )
-    else:
-        model = CheersForConditionalGeneration.from_pretrained(model_path, dtype=dtype, device_map=device)
-        processor = CheersProcessor.from_pretrained(model_path)
-    return model.eval(), processor
 
 
 def generate(pipe: CheersPipeline, job: PromptJob, args, device: torch.device):
@@ -284,7 +271,12 @@ def parse_args(argv=None):
     parser.add_argument("--time-shift", type=float, default=0.5)
     parser.add_argument("--size", type=int, default=None, help="height = width, multiple of 32 (default: native)")
     parser.add_argument("--seed", type=int, default=0, help="base seed: prompt i without a seed gets seed + i")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="default: bf16 on CUDA and on CPUs with native bf16, else fp32",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if GPUs are visible")
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -328,7 +320,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     state = PartialState(cpu=args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
     warn_if_launch_fell_back(state)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if state.device.type == "cuda" else torch.float32)
+    dtype = DTYPES[args.dtype] if args.dtype else preferred_dtype(state.device)
     settings = run_settings(args, state.device, dtype)
     try:  # every process checks the same inputs, so all of them stop together on bad input
         jobs = read_prompts(args.prompts, args.seed, args.negative_prompt)

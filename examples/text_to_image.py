@@ -22,8 +22,8 @@ def load_pipeline(model_path: str | None, dtype: str = "auto") -> CheersPipeline
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = preferred_dtype(device) if dtype == "auto" else getattr(torch, dtype)
     if model_path is None:
-        model, processor = tiny_cheers()
-        pipe = CheersPipeline(model=model.to(dtype), processor=processor, scheduler=CheersFlowMatchScheduler())
+        model, processor = tiny_cheers(dtype=dtype)
+        pipe = CheersPipeline(model=model, processor=processor, scheduler=CheersFlowMatchScheduler())
     else:
         pipe = CheersPipeline.from_pretrained(model_path, dtype=dtype)
     return pipe.to(device)
