@@ -16,8 +16,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers.initialization import no_init_weights
+from transformers.utils import logging
 
 from .configuration_cheers import CheersConfig
+
+
+logger = logging.get_logger(__name__)
 
 
 # One table in two parts. NAME_RULES: the first matching (regex, replacement) renames the whole key; None drops the
@@ -381,7 +385,11 @@ _CONFIG_METADATA = {"dtype", "torch_dtype", "transformers_version", "architectur
 
 def check_official_config_round_trip(config: CheersConfig, official: dict) -> None:
     def architecture(cheers_config: CheersConfig) -> dict:
-        return {k: v for k, v in cheers_config.to_dict().items() if k not in _CONFIG_METADATA}
+        # sub-configs carry metadata too (a model loaded with dtype=... records it in text_config and vision_config)
+        def strip(fields: dict) -> dict:
+            return {k: strip(v) if isinstance(v, dict) else v for k, v in fields.items() if k not in _CONFIG_METADATA}
+
+        return strip(cheers_config.to_dict())
 
     expected, actual = architecture(config), architecture(config_from_official(official))
     differing = sorted(key for key in expected.keys() | actual.keys() if expected.get(key) != actual.get(key))
@@ -680,8 +688,6 @@ def load_official_pretrained(model_class, source, model_args: tuple, kwargs: dic
     Anything else (device_map, quantization, ...) needs the converted folder, and says so. A `CheersModel` (or any
     class that is not the full model) gets the base model of the converted full model.
     """
-    from transformers.utils import logging
-
     from .modeling_cheers import CheersForConditionalGeneration
 
     command = CONVERTER_COMMAND.format(source=source)
@@ -696,7 +702,7 @@ def load_official_pretrained(model_class, source, model_args: tuple, kwargs: dic
     folder = official_folder(source, {key: kwargs[key] for key in OFFICIAL_HUB_KWARGS if key in kwargs})
     dtype = official_load_dtype(folder, kwargs.get("dtype", kwargs.get("torch_dtype")))
     model = load_official_checkpoint(folder, dtype)
-    logging.get_logger(__name__).warning(
+    logger.warning(
         f"{source} is in the official Cheers layout: converted in memory (nothing written). For repeated use, "
         f"convert it once: {command}"
     )
