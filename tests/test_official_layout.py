@@ -477,3 +477,26 @@ def test_to_official_refuses_conversion_only_arguments(native, tmp_path, capsys,
     with pytest.raises(SystemExit) as exit_info:
         convert_cli.main(["--to-official", "--input", str(native), "--output", str(tmp_path / "o"), *extra])
     assert exit_info.value.code == 2 and "--to-official does not take" in capsys.readouterr().err
+
+
+def test_a_configuration_without_official_form_is_refused_by_name(tmp_path):
+    """The tiny demo model has its own token ids; the official format fixes them in code."""
+    from transformers_cheers.tiny import tiny_cheers
+
+    model, processor = tiny_cheers()
+    model.save_pretrained(tmp_path / "tiny")
+    processor.save_pretrained(tmp_path / "tiny")
+    with pytest.raises(ConversionError, match=r"no official form: .*cannot express \[.*'image_token_id'"):
+        export_official_checkpoint(tmp_path / "tiny", tmp_path / "official")
+    assert not (tmp_path / "official").exists() and not leftovers(tmp_path / "official")
+
+
+def test_a_rope_theta_vllm_would_override_is_reported(native, tmp_path):
+    source = tmp_path / "native"
+    shutil.copytree(native, source)
+    config = json.loads((source / "config.json").read_text())
+    config["text_config"]["rope_parameters"]["rope_theta"] = 1e4
+    (source / "config.json").write_text(json.dumps(config))
+    report = export_official_checkpoint(source, tmp_path / "official").format()
+    assert "note: text rope_theta is 10000; vLLM's Cheers loader replaces it with 1e+06" in report
+    assert json.loads((tmp_path / "official" / "config.json").read_text())["text_config"]["rope_theta"] == 1e4
