@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fake_hub_snapshot
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 from transformers.testing_utils import CaptureLogger
@@ -108,23 +109,10 @@ def test_cheers_model_from_an_official_folder_is_the_base_model(golden, native):
     assert tensor_fingerprints(base) == tensor_fingerprints(reference)
 
 
-def make_offline_hub_cache(cache: Path, repo_id: str, files: Path) -> str:
-    """The Hub cache layout huggingface_hub reads offline: refs/main -> a commit whose snapshot holds `files`."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for path in files.iterdir():
-        (snapshot / path.name).symlink_to(path.resolve())
-    return commit
-
-
 def test_from_pretrained_on_an_official_hub_repo_through_the_offline_cache(golden, native, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     cache = tmp_path / "hub"
-    make_offline_hub_cache(cache, "AI9Stars/Cheers", golden.checkpoint)
+    fake_hub_snapshot(cache, "AI9Stars/Cheers", golden.checkpoint)
     with CaptureLogger(official_logger) as captured:
         model = CheersForConditionalGeneration.from_pretrained("AI9Stars/Cheers", cache_dir=cache, revision="main")
     assert "--input AI9Stars/Cheers --output" in captured.out
