@@ -5,6 +5,8 @@ Two layouts hold a Cheers pipeline:
 * a converted model repo (the converter's output): `config.json` with `model_type` "cheers", the processor files and
   `scheduler_config.json` in the root. Its `model_index.json` names a remote-code entry file for diffusers users
   without this package (see diffusers_pipeline.py); here the components are built from the root directly;
+* an official checkpoint (model_type "umm"): converted in memory, as `CheersForConditionalGeneration.from_pretrained`
+  does (which logs the converter command for repeated use);
 * a pipeline folder (`CheersPipeline.save_pretrained`): `model/`, `processor/`, `scheduler/` and a `model_index.json`
   naming this package's classes, which diffusers' own loader reads (dtype dicts, variants, device maps...).
 
@@ -12,6 +14,7 @@ Root components are built through the transformers Auto classes, which resolve t
 code files that travel with a folder are never run here (no `trust_remote_code`).
 """
 
+import importlib
 import json
 import logging
 import os
@@ -31,11 +34,11 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 # The library name a converted repo's model_index.json gives its components (registered by diffusers_pipeline.py).
 COMPONENTS_LIBRARY = "cheers_repo_components"
 COMPONENTS = ("model", "processor", "scheduler")
-CONVERTER_COMMAND = "python conversion/convert_cheers_to_hf.py --input {source} --output ./cheers-hf"
 
 
 def locate_pipeline(pretrained_model_name_or_path, kwargs: dict) -> tuple[Path, str]:
-    """`(local folder, layout)`, layout "model_repo" or "pipeline_folder"; Hub options are taken out of `kwargs`."""
+    """`(local folder, layout)`, layout "model_repo", "official" or "pipeline_folder"; Hub options are taken out of
+    `kwargs`."""
     hub_kwargs = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
     source = pretrained_model_name_or_path
     if os.path.isdir(source):
@@ -47,10 +50,7 @@ def locate_pipeline(pretrained_model_name_or_path, kwargs: dict) -> tuple[Path, 
         if model_type == "cheers":
             return folder, "model_repo"
         if model_type == "umm":
-            raise ValueError(
-                f"{source} is an official Cheers checkpoint (model_type 'umm'): convert it once to the native layout "
-                f"and load the result: {CONVERTER_COMMAND.format(source=source)}"
-            )
+            return folder, "official"
         raise ValueError(
             f"{source} holds a model of type {model_type!r}, not a Cheers model ('cheers'): CheersPipeline loads "
             "converted Cheers repos and Cheers pipeline folders only."
@@ -63,8 +63,9 @@ def locate_pipeline(pretrained_model_name_or_path, kwargs: dict) -> tuple[Path, 
     )
 
 
-def load_root_components(folder: Path, **kwargs) -> dict:
-    """`model`, `processor` and `scheduler` of a converted model repo; passed components are kept.
+def load_root_components(folder: Path, official: bool = False, **kwargs) -> dict:
+    """`model`, `processor` and `scheduler` of a converted model repo (or, `official`, of an official checkpoint,
+    converted in memory as `CheersForConditionalGeneration.from_pretrained` does); passed components are kept.
 
     `dtype` may be one dtype or, as in diffusers, a dict by component name with a "default"; the other keyword
     arguments go to the model's `from_pretrained` (`device_map`, `attn_implementation`, `quantization_config`...).
@@ -75,6 +76,12 @@ def load_root_components(folder: Path, **kwargs) -> dict:
     if isinstance(kwargs.get("dtype"), dict):
         kwargs["dtype"] = kwargs["dtype"].get("model", kwargs["dtype"].get("default"))
     kwargs.pop("trust_remote_code", None)  # never needed: the installed code is used
+    if official:
+        # An official folder's auto_map names the official code, so the classes are named here (by module path: this
+        # file also travels as remote code, where the package is absent and never imported).
+        package = importlib.import_module("transformers_cheers")
+        components.setdefault("model", package.CheersForConditionalGeneration.from_pretrained(folder, **kwargs))
+        components.setdefault("processor", package.CheersProcessor.from_official_checkpoint(folder))
     if "model" not in components:
         components["model"] = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
     if "processor" not in components:

@@ -89,9 +89,15 @@ def test_pipeline_folder_and_auto_pipelines(tiny, expected, tmp_path):
     assert type(AutoPipelineForImage2Image.from_pipe(pipeline)) is CheersPipeline
 
 
-def test_official_and_foreign_folders_are_refused_with_the_fix(golden, tmp_path):
-    with pytest.raises(ValueError, match=r"official Cheers checkpoint .*conversion/convert_cheers_to_hf.py --input"):
-        CheersPipeline.from_pretrained(golden.checkpoint)
+def test_an_official_checkpoint_is_converted_in_memory(golden, golden_models):
+    pipeline = CheersPipeline.from_pretrained(golden.checkpoint, dtype=torch.float32)
+    assert_installed_code(pipeline)
+    reference = golden_models("fp32").state_dict()
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in pipeline.model.state_dict().items())
+    assert pipeline.processor.image_token_id == pipeline.model.config.image_token_id
+
+
+def test_foreign_folders_are_refused_with_the_fix(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="holds a model of type 'llama', not a Cheers model"):
