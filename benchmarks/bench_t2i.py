@@ -11,8 +11,10 @@ final latents:
         --official-code /path/to/Cheers/Training/cheers_config
 
 The official `generate` handles one prompt at a time, so the official side always runs batch 1. Both sides get the
-official dummy context image (the official code cannot run without it). Each side runs in a fresh process; peak
-memory is the highest resident set size during a generation minus the size before it.
+official dummy context image (the official code cannot run without it). Each side runs in a fresh process. Two
+memory figures: RSS peak, the highest resident set size during a generation minus the size before it (what the
+process holds, allocator caches included; noisy), and live peak, the exact maximum of live tensor bytes counted in one
+extra untimed run (`live_memory.LiveTensorMemory`, the CPU analogue of `torch.cuda.max_memory_allocated`).
 """
 
 import argparse
@@ -26,6 +28,8 @@ import time
 from pathlib import Path
 
 from bench_understanding import PeakMemory
+from live_memory import LiveTensorMemory
+from machine import machine_description
 
 
 PROMPT = "A red apple on a wooden table."
@@ -68,30 +72,36 @@ def run_ours(args, work: Path) -> dict:
     pipe.set_progress_bar_config(disable=True)
     grid = args.size // model.config.vision_config.patch_size
     shape = (1, model.config.latent_channels, grid, grid)
+    kwargs = {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "height": args.size,
+        "width": args.size,
+        "output_type": "latent",
+        "context_image": official_dummy_image(0),
+    }
     seconds, peaks = [], []
     for repeat in range(args.repeats + 1):  # the first run warms up
         torch.manual_seed(repeat)
         noise = torch.cat([draw_official_noise(shape, dtype, args.guidance != 1.0) for _ in range(args.batch)])
         with PeakMemory() as memory:
             start = time.perf_counter()
-            latents = pipe(
-                [PROMPT] * args.batch,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                height=args.size,
-                width=args.size,
-                latents=noise,
-                output_type="latent",
-                context_image=official_dummy_image(0),
-            ).images
+            latents = pipe([PROMPT] * args.batch, latents=noise, **kwargs).images
             pixels = model.model.decode_latents(latents)
             elapsed = time.perf_counter() - start
         if repeat:
             seconds.append(elapsed / args.batch)
             peaks.append(memory.peak)
     torch.save(latents[:1].float(), work / "ours_latent.pt")
-    del pixels
-    return {"seconds_per_image": statistics.median(seconds), "peak_mib": statistics.median(peaks) / 2**20}
+    del pixels, latents
+    with LiveTensorMemory() as live:  # a run of its own: counting every operator slows it down
+        latents = pipe([PROMPT] * args.batch, latents=noise, **kwargs).images
+        model.model.decode_latents(latents)
+    return {
+        "seconds_per_image": statistics.median(seconds),
+        "peak_mib": statistics.median(peaks) / 2**20,
+        "live_peak_mib": live.peak / 2**20,
+    }
 
 
 def run_official(args, work: Path) -> dict:
@@ -129,29 +139,41 @@ def run_official(args, work: Path) -> dict:
     inputs = torch.load(work / "official_inputs.pt")
     dtype = getattr(torch, args.dtype)
     image_tokens = (args.size // 32) ** 2
+
+    def generate():
+        return model.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"].to(dtype),
+            grid_hws=inputs["grid_hws"],
+            max_length=image_tokens - 1,  # stop right after the image
+            cfg_scale=args.guidance,
+            temperature=0.0,
+            num_inference_steps=args.steps,
+            alpha=args.time_shift,
+            edit_image=False,
+        )
+
     seconds, peaks = [], []
     for repeat in range(args.repeats + 1):  # the first run warms up
         torch.manual_seed(repeat)
         with PeakMemory() as memory, torch.no_grad():
             start = time.perf_counter()
-            output = model.generate(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                pixel_values=inputs["pixel_values"].to(dtype),
-                grid_hws=inputs["grid_hws"],
-                max_length=image_tokens - 1,  # stop right after the image
-                cfg_scale=args.guidance,
-                temperature=0.0,
-                num_inference_steps=args.steps,
-                alpha=args.time_shift,
-                edit_image=False,
-            )
+            output = generate()
             elapsed = time.perf_counter() - start
         if repeat:
             seconds.append(elapsed)
             peaks.append(memory.peak)
     torch.save(output["images"][0].float(), work / "official_image.pt")
-    return {"seconds_per_image": statistics.median(seconds), "peak_mib": statistics.median(peaks) / 2**20}
+    del output
+    torch.manual_seed(args.repeats)
+    with LiveTensorMemory() as live, torch.no_grad():  # a run of its own: counting every operator slows it down
+        generate()
+    return {
+        "seconds_per_image": statistics.median(seconds),
+        "peak_mib": statistics.median(peaks) / 2**20,
+        "live_peak_mib": live.peak / 2**20,
+    }
 
 
 def official_inputs(args, work: Path) -> None:
@@ -229,9 +251,10 @@ def print_report(args, rows, work: Path) -> None:
         f"preset {args.preset}, {args.size} px, {args.steps} steps, guidance {args.guidance}, {args.dtype}, "
         f"batch {args.batch} (official: 1), median of {args.repeats}"
     )
-    print(f"{'impl':<9} {'s/image':>9} {'peak MiB':>9}")
+    print(machine_description())
+    print(f"{'impl':<9} {'s/image':>9} {'RSS peak MiB':>13} {'live peak MiB':>14}")
     for name, row in rows.items():
-        print(f"{name:<9} {row['seconds_per_image']:>9.2f} {row['peak_mib']:>9.1f}")
+        print(f"{name:<9} {row['seconds_per_image']:>9.2f} {row['peak_mib']:>13.1f} {row['live_peak_mib']:>14.1f}")
     if "official" in rows:
         import torch
 
