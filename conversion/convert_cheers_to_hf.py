@@ -66,12 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.to_official:
         # The export keeps the native dtype, always reads its output back, and reads local folders only.
-        given = {"--dtype": args.dtype, "--revision": args.revision, "--pipeline-output": args.pipeline_output}
+        given = {"--dtype": args.dtype, "--revision": args.revision}
         given["--no-verify"] = None if args.verify else True
         refused = [name for name, value in given.items() if value is not None]
         if refused:
             parser.error(
-                f"--to-official does not take {', '.join(refused)}: the export keeps the native dtype, always reads its output back and takes a local native folder."
+                f"--to-official does not take {', '.join(refused)}: the export keeps the native dtype, always reads "
+                "its output back and takes a local native folder."
             )
     args.dtype = args.dtype or "bfloat16"
     return args
