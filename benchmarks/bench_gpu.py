@@ -64,16 +64,17 @@ BF16_DENSE_PEAK_TFLOPS = {
     "L40S": 362.0,
     "L4": 121.0,
 }
-ROWS = (
-    "text-to-image, eager",
-    "text-to-image, compiled velocity",
-    "text-to-image, compiled velocity, reduce-overhead",
-    "understanding prefill, eager",
-    "decode, dynamic cache",
-    "decode, static cache",
-    "decode, static cache, compiled (reduce-overhead)",
-)
-COMPILED_ROWS = {ROWS[1], ROWS[2], ROWS[6]}
+# --rows key: the label printed in the table.
+ROWS = {
+    "t2i": "text-to-image, eager",
+    "t2i-compiled": "text-to-image, compiled velocity",
+    "t2i-cudagraphs": "text-to-image, compiled velocity, reduce-overhead",
+    "prefill": "understanding prefill, eager",
+    "decode": "decode, dynamic cache",
+    "decode-static": "decode, static cache",
+    "decode-compiled": "decode, static cache, compiled (reduce-overhead)",
+}
+COMPILED_ROWS = {"t2i-compiled", "t2i-cudagraphs", "decode-compiled"}
 
 
 def bf16_peak_tflops(device_name: str) -> float | None:
@@ -280,25 +281,29 @@ class Benchmark:
 
     def measurements(self) -> dict:
         return {
-            ROWS[0]: lambda: self.text_to_image_row(),
-            ROWS[1]: lambda: self.text_to_image_row(None, compiled=True),
-            ROWS[2]: lambda: self.text_to_image_row("reduce-overhead", compiled=True),
-            ROWS[3]: self.prefill_row,
-            ROWS[4]: lambda: self.decode_row(),
-            ROWS[5]: lambda: self.decode_row(cache_implementation="static", disable_compile=True),
-            ROWS[6]: lambda: self.decode_row(
+            "t2i": lambda: self.text_to_image_row(),
+            "t2i-compiled": lambda: self.text_to_image_row(None, compiled=True),
+            "t2i-cudagraphs": lambda: self.text_to_image_row("reduce-overhead", compiled=True),
+            "prefill": self.prefill_row,
+            "decode": lambda: self.decode_row(),
+            "decode-static": lambda: self.decode_row(cache_implementation="static", disable_compile=True),
+            "decode-compiled": lambda: self.decode_row(
                 cache_implementation="static", compile_config=self.static_compile_config()
             ),
         }
 
     def run(self) -> list[dict]:
         rows = []
-        for name, measurement in self.measurements().items():
-            if self.args.no_compile and name in COMPILED_ROWS:
-                rows.append({"name": name, "status": "skipped (--no-compile)"})
-                continue
-            rows.append({"name": name, **guarded(measurement, self.device)})
-            print_row(rows[-1], flush=True)
+        for key, measurement in self.measurements().items():
+            row = {"name": ROWS[key]}
+            if key not in self.args.rows:
+                row["status"] = "skipped (not in --rows)"
+            elif self.args.no_compile and key in COMPILED_ROWS:
+                row["status"] = "skipped (--no-compile)"
+            else:
+                row.update(guarded(measurement, self.device))
+            rows.append(row)
+            print_row(row, flush=True)
         return rows
 
 
@@ -428,6 +433,7 @@ def parse_args(argv=None):
     parser.add_argument("--guidance", type=float, default=9.5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="measure these rows only")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument(
         "--verify-flops", action="store_true", help="count one text-to-image call with FlopCounterMode"
