@@ -13,13 +13,19 @@ import PIL.Image
 import torch
 
 from transformers_cheers import CheersForConditionalGeneration, CheersProcessor
+from transformers_cheers.cpu_bf16 import preferred_dtype
 from transformers_cheers.tiny import tiny_cheers
 
 
-def load(model_path: str | None):
+def load(model_path: str | None, dtype: str = "auto"):
+    """(model, processor) on CUDA if there is one, in `dtype` ("auto": bf16 where the device computes it natively,
+    else fp32; on an AVX2-only CPU bf16 is tens of times slower)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = preferred_dtype(device) if dtype == "auto" else getattr(torch, dtype)
     if model_path is None:
-        return tiny_cheers()
-    model = CheersForConditionalGeneration.from_pretrained(model_path, dtype="auto").eval()
+        model, processor = tiny_cheers(dtype=dtype)
+        return model.to(device), processor
+    model = CheersForConditionalGeneration.from_pretrained(model_path, dtype=dtype).to(device).eval()
     return model, CheersProcessor.from_pretrained(model_path)
 
 
@@ -46,9 +52,16 @@ def main():
     parser.add_argument("--question", default="Describe this image.")
     parser.add_argument("--chat", default="Please introduce yourself briefly.", help="a text-only turn")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 on other CPUs",
+    )
     args = parser.parse_args()
 
-    model, processor = load(args.model)
+    model, processor = load(args.model, args.dtype)
+    print(f"model: {args.model or 'tiny random'} ({model.dtype}, {model.device})")
     image = PIL.Image.open(args.image) if args.image else synthetic_image()
     understanding = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
     print("[image understanding]", args.question)

@@ -10,7 +10,7 @@ import argparse
 import numpy as np
 import PIL.Image
 import torch
-from text_to_image import load_pipeline
+from text_to_image import add_dtype_argument, load_pipeline
 
 
 def synthetic_source(size: int = 128) -> PIL.Image.Image:
@@ -29,9 +29,10 @@ def main():
     parser.add_argument("--guidance", type=float, default=9.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="cheers_edit.png")
+    add_dtype_argument(parser)
     args = parser.parse_args()
 
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, args.dtype)
     source = PIL.Image.open(args.image) if args.image else synthetic_source()
     steps = args.steps or (80 if args.model else 8)
     image = pipe(

@@ -11,24 +11,31 @@ import argparse
 
 import torch
 
-from transformers_cheers import (
-    CheersFlowMatchScheduler,
-    CheersForConditionalGeneration,
-    CheersPipeline,
-    CheersProcessor,
-)
+from transformers_cheers import CheersFlowMatchScheduler, CheersPipeline
+from transformers_cheers.cpu_bf16 import preferred_dtype
 from transformers_cheers.tiny import tiny_cheers
 
 
-def load_pipeline(model_path: str | None) -> CheersPipeline:
+def load_pipeline(model_path: str | None, dtype: str = "auto") -> CheersPipeline:
+    """The pipeline on CUDA if there is one, in `dtype` ("auto": bf16 where the device computes it natively, else
+    fp32; see `preferred_dtype`)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = preferred_dtype(device) if dtype == "auto" else getattr(torch, dtype)
     if model_path is None:
-        model, processor = tiny_cheers()
+        model, processor = tiny_cheers(dtype=dtype)
+        pipe = CheersPipeline(model=model, processor=processor, scheduler=CheersFlowMatchScheduler())
     else:
-        model = CheersForConditionalGeneration.from_pretrained(model_path, dtype="auto").eval()
-        processor = CheersProcessor.from_pretrained(model_path)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return CheersPipeline(model=model, processor=processor, scheduler=CheersFlowMatchScheduler())
+        pipe = CheersPipeline.from_pretrained(model_path, dtype=dtype)
+    return pipe.to(device)
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 on other CPUs",
+    )
 
 
 def main():
@@ -43,9 +50,10 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="cheers.png")
     parser.add_argument("--heatmap", help="also save the detail-gate heat map here")
+    add_dtype_argument(parser)
     args = parser.parse_args()
 
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, args.dtype)
     steps = args.steps or (80 if args.model else 8)
     output = pipe(
         args.prompt,
@@ -59,7 +67,8 @@ def main():
         return_detail_gate=args.heatmap is not None,
     )
     output.images[0].save(args.output)
-    print(f"saved {args.output} ({output.images[0].size[0]}x{output.images[0].size[1]}, {steps} steps)")
+    size = output.images[0].size
+    print(f"saved {args.output} ({size[0]}x{size[1]}, {steps} steps, {pipe.model.dtype}, {pipe.device})")
     if args.heatmap:
         output.detail_gate_maps[0].save(args.heatmap)
         print(f"saved {args.heatmap}")

@@ -134,14 +134,15 @@ def run_python_without_the_package(code: str, cwd) -> subprocess.CompletedProces
     )
 
 
-def fake_hub_snapshot(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0" * 40) -> Path:
-    """Put `folder` in `cache_dir` as the Hub cache holds a downloaded snapshot of `repo_id` at `commit` (main), so
-    that Hub ids resolve offline exactly as after a real download. Returns the snapshot folder."""
-    import shutil
-
+def fake_hub_snapshot(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef" * 2 + "01234567"):
+    """Lay `folder` out in `cache_dir` as the Hub cache holds a download of `repo_id` (refs/main -> `commit`, whose
+    snapshot links to the files), so that the Hub id resolves offline through huggingface_hub itself, exactly as
+    after a real download. Returns the commit."""
     repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    shutil.copytree(folder, snapshot)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    return snapshot
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in Path(folder).iterdir():
+        (snapshot / path.name).symlink_to(path.resolve())
+    return commit

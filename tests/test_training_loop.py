@@ -21,7 +21,8 @@ from transformers_cheers.tiny import tiny_cheers
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_lora.py"
-ACCELERATE = Path(sys.executable).with_name("accelerate")
+# `python -m`: works in any environment, also where the `accelerate` script is not next to the interpreter
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,7 +113,7 @@ def free_port() -> int:
 def test_two_process_ddp_run_ends_with_identical_weights(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 ... --cpu`: two torchrun processes, DDP over gloo."""
     command = [
-        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        *ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(SCRIPT), "--cpu", "--output-dir", str(tmp_path), "--max-steps", "2", "--synthetic-size", "4", "4", "4",
         "--learning-rate", "1e-3", "--save-rank-state", "--quiet",

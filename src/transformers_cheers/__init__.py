@@ -1,6 +1,5 @@
 """transformers-cheers: the Hugging Face-native implementation of Cheers (arXiv 2603.12793)."""
 
-from diffusers.pipelines import auto_pipeline
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -13,7 +12,7 @@ from transformers import (
 from .configuration_cheers import CheersConfig
 from .image_processing_cheers import CheersImageProcessor
 from .modeling_cheers import CheersForConditionalGeneration, CheersModel, CheersPreTrainedModel
-from .pipelines import CheersFlowMatchScheduler, CheersPipeline
+from .pipelines import CheersFlowMatchScheduler, CheersPipeline, register_auto_pipelines
 from .processing_cheers import CheersProcessor
 
 
@@ -25,10 +24,7 @@ AutoModelForImageTextToText.register(CheersConfig, CheersForConditionalGeneratio
 AutoModelForCausalLM.register(CheersConfig, CheersForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(CheersConfig, slow_image_processor_class=CheersImageProcessor, exist_ok=True)
 AutoProcessor.register(CheersConfig, CheersProcessor, exist_ok=True)
-# diffusers has no registration API for out-of-tree pipelines: its AutoPipeline classes find a pipeline by class name
-# in these tables, so Cheers is listed in them (text-to-image, and image-to-image for editing).
-for _mapping in (auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING, auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING):
-    _mapping.setdefault("cheers", CheersPipeline)
+register_auto_pipelines()
 
 __all__ = [
     "CheersConfig",

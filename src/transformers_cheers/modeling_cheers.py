@@ -15,6 +15,7 @@ tensor layouts, `vae_numerics.py` for the bit-parity VAE kernels). The flow-matc
 live in `training.py`, the sampling loop in `transformers_cheers.pipelines.sampling`.
 """
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -191,6 +192,21 @@ class CheersPreTrainedModel(PreTrainedModel):
     def __init__(self, config: CheersConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         config.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(config, "auto_map", None) or {})}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Also takes an official Cheers folder or Hub repo (model_type "umm"): converted in memory, nothing written.
+
+        See `official_checkpoint.load_official_pretrained`; native folders load as usual.
+        """
+        # Imported by name at call time: this file travels as remote code, where the package may be absent.
+        try:
+            official = importlib.import_module(".official_checkpoint", __package__)
+        except ImportError:
+            official = None
+        if official is not None and official.is_official_checkpoint(pretrained_model_name_or_path, **kwargs):
+            return official.load_official_pretrained(cls, pretrained_model_name_or_path, model_args, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -16,8 +16,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers.initialization import no_init_weights
+from transformers.utils import logging
 
 from .configuration_cheers import CheersConfig
+
+
+logger = logging.get_logger(__name__)
 
 
 # One table in two parts. NAME_RULES: the first matching (regex, replacement) renames the whole key; None drops the
@@ -381,7 +385,11 @@ _CONFIG_METADATA = {"dtype", "torch_dtype", "transformers_version", "architectur
 
 def check_official_config_round_trip(config: CheersConfig, official: dict) -> None:
     def architecture(cheers_config: CheersConfig) -> dict:
-        return {k: v for k, v in cheers_config.to_dict().items() if k not in _CONFIG_METADATA}
+        # sub-configs carry metadata too (a model loaded with dtype=... records it in text_config and vision_config)
+        def strip(fields: dict) -> dict:
+            return {k: strip(v) if isinstance(v, dict) else v for k, v in fields.items() if k not in _CONFIG_METADATA}
+
+        return strip(cheers_config.to_dict())
 
     expected, actual = architecture(config), architecture(config_from_official(official))
     differing = sorted(key for key in expected.keys() | actual.keys() if expected.get(key) != actual.get(key))
@@ -637,3 +645,89 @@ def with_tied_head(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     strictly, so any other missing or unexpected tensor is an error instead of a silently random weight.
     """
     return {**state_dict, LM_HEAD_KEY: state_dict[EMBEDDING_KEY]}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# from_pretrained on an official folder or Hub repo: converted in memory (the hook in modeling_cheers.py)
+# --------------------------------------------------------------------------------------------------------------------
+
+CONVERTER_COMMAND = "python conversion/convert_cheers_to_hf.py --input {source} --output cheers-hf"
+# The from_pretrained arguments the in-memory path honours; the Hub ones go to hf_hub_download/snapshot_download.
+OFFICIAL_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+OFFICIAL_LOAD_KWARGS = ("dtype", "torch_dtype", *OFFICIAL_HUB_KWARGS)
+
+
+def is_official_checkpoint(source, **hub_kwargs) -> bool:
+    """Whether `source` (folder or Hub id) has a config.json with the official model_type "umm".
+
+    Only config.json is read (from the Hub cache, or downloaded when online). Anything that goes wrong here (no such
+    repo, offline, no config.json) answers False: the regular from_pretrained then reports it in its own words.
+    """
+    from transformers.utils import cached_file
+
+    if source is None:
+        return False
+    try:
+        path = cached_file(
+            str(source),
+            "config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **{key: value for key, value in hub_kwargs.items() if key in OFFICIAL_HUB_KWARGS},
+        )
+        return path is not None and json.loads(Path(path).read_text()).get("model_type") == "umm"
+    except Exception:  # noqa: BLE001 - any failure: not recognisably official; from_pretrained explains
+        return False
+
+
+def load_official_pretrained(model_class, source, model_args: tuple, kwargs: dict):
+    """`model_class.from_pretrained(source)` for an official folder or Hub id: converted in memory, nothing written.
+
+    The same reader and checks as the converter (`load_official_checkpoint`). `dtype` works as in from_pretrained
+    ("auto" or absent: the official config's torch_dtype); the Hub arguments in OFFICIAL_HUB_KWARGS are honoured.
+    Anything else (device_map, quantization, ...) needs the converted folder, and says so. A `CheersModel` (or any
+    class that is not the full model) gets the base model of the converted full model.
+    """
+    from .modeling_cheers import CheersForConditionalGeneration
+
+    command = CONVERTER_COMMAND.format(source=source)
+    unsupported = sorted(key for key in kwargs if key not in OFFICIAL_LOAD_KWARGS)
+    if model_args or unsupported:
+        shown = unsupported or ["positional model arguments"]
+        raise ValueError(
+            f"{source} is an official Cheers checkpoint (model_type 'umm'), which from_pretrained converts in memory "
+            f"with dtype and the Hub arguments only, not {shown}. Convert it once ({command}), then call "
+            "from_pretrained('cheers-hf', ...) with these arguments."
+        )
+    folder = official_folder(source, {key: kwargs[key] for key in OFFICIAL_HUB_KWARGS if key in kwargs})
+    dtype = official_load_dtype(folder, kwargs.get("dtype", kwargs.get("torch_dtype")))
+    model = load_official_checkpoint(folder, dtype)
+    logger.warning(
+        f"{source} is in the official Cheers layout: converted in memory (nothing written). For repeated use, "
+        f"convert it once: {command}"
+    )
+    if issubclass(model_class, CheersForConditionalGeneration):
+        return model
+    return model.model
+
+
+def official_folder(source, hub_kwargs: dict) -> Path:
+    """The local folder of an official checkpoint: `source` itself, or its Hub snapshot (weights, configs, text)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    from .conversion import HUB_ALLOW_PATTERNS
+
+    return Path(snapshot_download(str(source), allow_patterns=HUB_ALLOW_PATTERNS, **hub_kwargs))
+
+
+def official_load_dtype(folder: Path, dtype) -> torch.dtype:
+    """from_pretrained's dtype for an official folder: "auto" (or None) reads its config's torch_dtype."""
+    if dtype is None or dtype == "auto":
+        dtype = read_official_config(folder).get("torch_dtype", "float32")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype, its name or 'auto'; got {dtype!r}.")
+    return dtype

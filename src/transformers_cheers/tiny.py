@@ -45,8 +45,14 @@ def special_token_ids(processor: CheersProcessor) -> dict[str, int]:
     }
 
 
-def tiny_cheers(seed: int = 0) -> tuple[CheersForConditionalGeneration, CheersProcessor]:
-    """(model, processor): a randomly initialised tiny Cheers whose token ids match the tiny tokenizer."""
+def tiny_cheers(
+    seed: int = 0, dtype: torch.dtype | None = None
+) -> tuple[CheersForConditionalGeneration, CheersProcessor]:
+    """(model, processor): a randomly initialised tiny Cheers whose token ids match the tiny tokenizer.
+
+    With `dtype`, the weights are cast as `from_pretrained(dtype=...)` casts a checkpoint: the fp32-only buffers
+    (`_keep_in_fp32_modules_strict`, the BatchNorm statistics) stay fp32, which a plain `.to(dtype)` would not do.
+    """
     processor = tiny_processor()
     ids = special_token_ids(processor)
     text_config = {**PRESETS["tiny"]["text_config"], "vocab_size": len(processor.tokenizer)}
@@ -55,6 +61,12 @@ def tiny_cheers(seed: int = 0) -> tuple[CheersForConditionalGeneration, CheersPr
     randomize_zero_initialised(model)
     model.generation_config.eos_token_id = ids["eos_token_id"]
     model.generation_config.pad_token_id = ids["pad_token_id"]
+    if dtype is not None:
+        generation_config = model.generation_config
+        model = CheersForConditionalGeneration.from_pretrained(
+            None, config=model.config, state_dict=model.state_dict(), dtype=dtype
+        )
+        model.generation_config = generation_config
     return model.eval(), processor
 
 
