@@ -31,8 +31,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -42,10 +40,11 @@ from pathlib import Path
 import torch
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # flop_count, bench_understanding (run as a script)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # flop_count, machine, bench_understanding
 
 from bench_understanding import PeakMemory  # noqa: E402
 from flop_count import prefill_flops, text_to_image_flops  # noqa: E402
+from machine import machine_description  # noqa: E402
 
 
 GOAL = "target: <= 1.5 s per 512 px image at 50 steps with guidance on an H200-class GPU"
@@ -178,7 +177,7 @@ class Benchmark:
         self.args, self.device, self.dtype = args, device, dtype
         self.model, self.processor, self.pipe = build(args.preset, device, dtype, args.resolution)
         self.config = self.model.config
-        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         self.peak_tflops = bf16_peak_tflops(self.device_name) if device.type == "cuda" else None
         text = self.processor.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
         self.prompt_length = self.processor(text=text, generation_mode="image")["input_ids"].shape[1]
@@ -324,20 +323,13 @@ def guarded(measurement, device: torch.device) -> dict:
 # ---- reporting ------------------------------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []  # Linux only
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    model = names[0] if names else platform.processor() or platform.machine()
-    return f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-
-
 def machine(bench: Benchmark) -> dict:
     import diffusers
     import transformers
 
     return {
         "device": bench.device_name,
+        "machine": machine_description(),
         "bf16_dense_peak_tflops": bench.peak_tflops,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -374,9 +366,8 @@ def print_report(bench: Benchmark, rows: list[dict], counted_flops: int | None) 
     print()
     print(GOAL)
     print(
-        f"device: {info['device']} (bf16 dense peak: "
-        f"{info['bf16_dense_peak_tflops'] or 'n/a'} TFLOP/s); torch {info['torch']} (CUDA {info['cuda']}), "
-        f"transformers {info['transformers']}, diffusers {info['diffusers']}"
+        f"device: {info['device']} (bf16 dense peak: {info['bf16_dense_peak_tflops'] or 'n/a'} TFLOP/s); "
+        f"{info['machine']} (CUDA {info['cuda']}), transformers {info['transformers']}, diffusers {info['diffusers']}"
     )
     print(
         f"preset {args.preset} ({params:.2f} B parameters, {args.dtype}), {args.resolution} px, {args.steps} steps, "
@@ -426,7 +417,10 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default="full", choices=["full", "bench-mid", "tiny"])
     parser.add_argument(
-        "--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU"
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="auto: bf16 where the device computes it natively, else fp32 (transformers_cheers.cpu_bf16.preferred_dtype)",
     )
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50)
@@ -458,7 +452,10 @@ def parse_args(argv=None):
         parser.error(
             "--steps and --repeats must be >= 1, --decode-tokens >= 2 (decode rate = extra tokens / extra time)."
         )
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if args.dtype == "auto":
+        from transformers_cheers.cpu_bf16 import preferred_dtype
+
+        args.dtype = str(preferred_dtype(device)).removeprefix("torch.")
     return args, device
 
 
