@@ -1,10 +1,14 @@
 """Named model sizes, as data. `tiny` is the embedded default of the demo and the tests (random weights, seconds on
-a CPU); `bench-mid` is the mid-size benchmark model of the project (real vocabulary and widths of a small model)."""
+a CPU); `bench-mid` is the mid-size benchmark model of the project (real vocabulary and widths of a small model);
+`full` is the released model (Qwen2.5-1.5B, SigLIP2 so400m at 512 px, the FLUX.2 VAE), for `benchmarks/bench_gpu.py`."""
 
 from .configuration_cheers import CheersConfig
 
 
 PRESETS: dict[str, dict] = {
+    # The CheersConfig defaults are the released model: `config_from_official` of the official release's
+    # Training/cheers_config/config.json gives exactly them (tests/test_bench_gpu.py checks it), so nothing to override.
+    "full": {},
     "tiny": {
         "text_config": {
             "vocab_size": 151680,  # covers the Cheers special tokens (151665-151669) of the real tokenizer
