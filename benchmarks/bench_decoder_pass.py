@@ -1,0 +1,138 @@
+"""One decoder-projector pass (latent -> pixels, a full VAE decoder), ours against the official code's, in fp32.
+
+    python benchmarks/bench_decoder_pass.py --official-python /path/to/venv-4.51/bin/python \\
+        --official-code /path/to/Cheers/Training/cheers_config
+
+Text-to-image spends most of its time in this pass (the vision tokenizer runs it on x_t at every step, and the final
+decode is the same decoder). The official text-to-image cannot run in fp32 (its hard-coded bf16 casts meet fp32
+weights: "mat1 and mat2 must have the same dtype"), and its bf16 convolutions run through PyTorch's slow reference
+kernels on CPUs without native bf16, so on such machines the comparison is made per pass, in fp32, on the module both
+sides share. Each side runs in its own interpreter on random weights (speed and memory do not depend on the values;
+numerical parity of the pass is what the test suite checks). Variants of ours: the default (parity kernels: SiLU as
+x*sigmoid(x), 1x1-convolution attention projections), fused kernels (`vae_unfused_kernels=False`), and fused kernels
+with channels-last activations. Prints the median seconds and the exact live-tensor peak of one pass.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from live_memory import LiveTensorMemory
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def time_and_memory(module, latents, repeats: int) -> dict:
+    import torch
+
+    with torch.no_grad():
+        module(latents)  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            module(latents)
+            seconds.append(time.perf_counter() - start)
+        with LiveTensorMemory() as live:
+            module(latents)
+    return {"seconds": statistics.median(seconds), "live_peak_mib": live.peak / 2**20}
+
+
+def run_ours(args) -> dict:
+    import torch
+
+    from transformers_cheers.presets import preset_config
+    from transformers_cheers.vision_tokenizer import CheersDecoderProjector
+
+    results = {}
+    for name, unfused, channels_last in (
+        ("ours, parity kernels (default)", True, False),
+        ("ours, fused kernels", False, False),
+        ("ours, fused kernels + channels_last", False, True),
+    ):
+        torch.manual_seed(0)
+        config = preset_config(args.preset, vae_unfused_kernels=unfused)
+        module = CheersDecoderProjector(config).eval()
+        if unfused:
+            from transformers_cheers.vae_numerics import use_unfused_vae_kernels
+
+            use_unfused_vae_kernels(module)
+        grid = config.vision_config.image_size // config.vision_config.patch_size
+        latents = torch.randn(1, config.latent_channels, grid, grid)
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+            latents = latents.to(memory_format=torch.channels_last)
+        results[name] = time_and_memory(module, latents, args.repeats)
+    return results
+
+
+def run_official(args) -> dict:
+    import importlib
+    import shutil
+    import tempfile
+    import types
+
+    import torch
+    import transformers.modeling_utils  # noqa: F401  (before the stubs: it probes which packages exist)
+    from transformers_cheers_bench_presets import official_config
+
+    for unused in ("black", "matplotlib", "matplotlib.pyplot", "torchvision", "torchvision.utils"):
+        module = types.ModuleType(unused)  # imported but never used by the official modeling file
+        module.Mode = module.grid = module.save_image = None
+        sys.modules.setdefault(unused, module)
+    package = Path(tempfile.mkdtemp()) / "official_cheers"
+    shutil.copytree(args.official_code, package, ignore=shutil.ignore_patterns("*.safetensors", "*.json", "*.txt"))
+    (package / "__init__.py").write_text("")
+    sys.path.insert(0, str(package.parent))
+    configuration = importlib.import_module("official_cheers.configuration_umm")
+    modeling = importlib.import_module("official_cheers.modeling_umm")
+    config = configuration.UMMConfig(**official_config(args.preset))
+    torch.manual_seed(0)
+    module = modeling.VAEDecoderProjector(config).eval()
+    vision = config.vision_representation_config
+    grid = vision.image_size // vision.patch_size
+    latents = torch.randn(1, 4 * config.vae_encoder_config.z_channels, grid, grid)
+    return {"official": time_and_memory(module, latents, args.repeats)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="bench-mid")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--official-python", help="interpreter with transformers 4.51.3 for the official side")
+    parser.add_argument("--official-code", help="folder with the official configuration_umm.py / modeling_umm.py")
+    parser.add_argument("--side", choices=["ours", "official"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        print(json.dumps(run_ours(args) if args.side == "ours" else run_official(args)))
+        return
+    from machine import machine_description
+
+    sides = [("ours", sys.executable)]
+    if args.official_code:
+        sides.insert(0, ("official", args.official_python or sys.executable))
+    rows = {}
+    for side, python in sides:
+        command = [python, __file__, f"--preset={args.preset}", f"--repeats={args.repeats}", f"--side={side}"]
+        if args.official_code:
+            command.append(f"--official-code={args.official_code}")
+        result = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
+        if result.returncode:
+            sys.exit(f"{side} failed:\n{result.stderr[-3000:]}")
+        rows.update(json.loads(result.stdout.strip().splitlines()[-1]))
+    print(f"one decoder-projector pass, preset {args.preset}, fp32, batch 1, median of {args.repeats}")
+    print(machine_description())
+    reference = rows.get("official")
+    print(f"| {'implementation':<38} | s/pass | live peak MiB | speed vs official |")
+    print("|---|---|---|---|")
+    for name, row in rows.items():
+        ratio = f"{reference['seconds'] / row['seconds']:.2f}x" if reference else "n/a"
+        print(f"| {name:<38} | {row['seconds']:.2f} | {row['live_peak_mib']:.0f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
