@@ -460,7 +460,7 @@ def test_failure_while_writing_keeps_the_previous_output(native, tmp_path, monke
     assert sorted(path.name for path in output.iterdir()) == ["previous.txt"] and not leftovers(output)
 
 
-@pytest.mark.parametrize("extra", [["--dtype", "float32"], ["--pipeline-output", "x"], ["--no-verify"]])
+@pytest.mark.parametrize("extra", [["--dtype", "float32"], ["--revision", "v1"], ["--no-verify"]])
 def test_to_official_refuses_conversion_only_arguments(native, tmp_path, capsys, extra):
     with pytest.raises(SystemExit) as exit_info:
         convert_cli.main(["--to-official", "--input", str(native), "--output", str(tmp_path / "o"), *extra])
