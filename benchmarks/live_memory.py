@@ -24,9 +24,18 @@ class LiveTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
+        # Outputs that share an input's storage (views such as `weight.t()`, in-place results) allocate nothing; a
+        # view of a tensor made before the mode (a weight) must not count as a new allocation either.
+        inputs = {
+            tensor.untyped_storage().data_ptr()
+            for tensor in tree_flatten((args, kwargs))[0]
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu"
+        }
         for tensor in tree_flatten(output)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
-                self.track(tensor.untyped_storage())
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in inputs:
+                    self.track(storage)
         return output
 
     def track(self, storage) -> None:

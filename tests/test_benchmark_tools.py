@@ -28,6 +28,16 @@ def test_live_tensor_memory_counts_the_peak_of_live_storages():
     assert memory.live == 0
 
 
+def test_views_and_in_place_results_of_earlier_tensors_are_not_allocations():
+    weight = torch.ones(512, 512)  # made before the mode, like a model's weights
+    with LiveTensorMemory() as memory:
+        transposed = weight.t()
+        weight.mul_(1.0)
+        product = torch.ones(4, 512) @ transposed  # 8 KiB of input and 8 KiB of result
+    assert memory.peak == 2 * 4 * 512 * 4
+    del transposed, product
+
+
 def test_decoder_pass_benchmark_runs_our_variants():
     command = [sys.executable, "bench_decoder_pass.py", "--preset=tiny", "--repeats=1", "--side=ours"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=BENCHMARKS, timeout=300)
