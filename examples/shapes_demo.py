@@ -49,7 +49,9 @@ def load(folder: Path) -> tuple[CheersPipeline, dict]:
     card = read_world_card(folder)  # refuses a folder that is not a Cheers-Shapes model
     model = CheersForConditionalGeneration.from_pretrained(folder).eval()
     processor = CheersProcessor.from_pretrained(folder)
-    scheduler = CheersFlowMatchScheduler.from_pretrained(folder) if (folder / "scheduler_config.json").exists() else None
+    scheduler = (
+        CheersFlowMatchScheduler.from_pretrained(folder) if (folder / "scheduler_config.json").exists() else None
+    )
     pipe = CheersPipeline(model=model, processor=processor, scheduler=scheduler or CheersFlowMatchScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe, card.get("sampling", {})
@@ -113,9 +115,7 @@ def main():
     # 3. editing: recolour it
     colour = next(name for name in ("blue", "red", "yellow") if name != scene.colour)
     instruction = edit_instruction(colour)
-    edited = pipe(
-        instruction, image=source, generator=torch.Generator().manual_seed(args.seed), **sampling
-    ).images[0]
+    edited = pipe(instruction, image=source, generator=torch.Generator().manual_seed(args.seed), **sampling).images[0]
     edit_path = args.output_dir / "shapes_edit.png"
     labelled_grid([source, edited], ["source", instruction]).save(edit_path)
     print(f"[editing] {instruction!r} -> {describe(read_scene(edited))}; saved {edit_path}")

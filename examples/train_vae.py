@@ -4,7 +4,7 @@
 
 Builds a Cheers of a preset size (`--preset`, default `shapes`) with a tokenizer trained on the dataset's own text
 (`transformers_cheers.scratch`), trains its VAE (diffusers' `AutoencoderKLFlux2` inside the model) on the images of
-the jsonl (pixel MSE of the decoded posterior mean + a small KL term), computes the latent BatchNorm statistics over all the
+the jsonl (L1 + MSE of the decoded posterior mean, object pixels weighted up, + a small KL term), computes the latent BatchNorm statistics over all the
 images, initialises the decoder projector from the trained decoder, and saves a model folder with its processor to
 `OUTPUT/final`: the `--model` of stage 2 (`examples/train_lora.py --full`, which keeps the VAE frozen).
 
@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
@@ -53,7 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--warmup-ratio", type=float, default=0.05)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--kl-weight", type=float, default=1e-4, help="per latent element, next to the pixel MSE")
+    parser.add_argument("--kl-weight", type=float, default=1e-4, help="per latent element, next to the pixel loss")
+    parser.add_argument(
+        "--foreground-weight", type=float, default=20.0, help="loss weight of pixels unlike the image's background"
+    )
     parser.add_argument("--statistics-images", type=int, default=2048, help="images the latent statistics use")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps; 0 = only at the end")
     parser.add_argument("--checkpoints-total-limit", type=int, default=None)
@@ -91,14 +93,28 @@ def initial_model(args, dataset, output_dir: Path, accelerator) -> tuple[CheersF
     return CheersForConditionalGeneration.from_pretrained(init), CheersProcessor.from_pretrained(init)
 
 
-def autoencoder_losses(vae, pixel_values: torch.Tensor, kl_weight: float) -> dict[str, torch.Tensor]:
+def foreground_weights(pixel_values: torch.Tensor, weight: float, threshold: float = 0.1) -> torch.Tensor:
+    """(N, 1, H, W): `weight` where a pixel differs from its image's median colour (the background), else 1.
+
+    On images that are mostly plain background an unweighted loss learns the background first and the objects'
+    colours last (after 300 steps the shapes of the world were all one brownish average colour); weighting the
+    object's pixels makes the colours come first.
+    """
+    background = pixel_values.flatten(2).median(-1).values[:, :, None, None]
+    foreground = (pixel_values - background).abs().sum(1, keepdim=True) > threshold
+    return 1 + (weight - 1) * foreground.to(pixel_values.dtype)
+
+
+def autoencoder_losses(vae, pixel_values: torch.Tensor, kl_weight: float, foreground_weight: float) -> dict:
     posterior = vae.encode(pixel_values).latent_dist
     # The posterior mean is decoded: Cheers encodes with it, and sampling at the initial unit variance would drown
-    # what a young encoder puts in the latent (colours are learnt last). The KL term still bounds the means.
+    # what a young encoder puts in the latent. The KL term still bounds the means.
     reconstruction = vae.decode(posterior.mean).sample
-    mse = F.mse_loss(reconstruction, pixel_values)
+    error = reconstruction - pixel_values
+    weights = foreground_weights(pixel_values, foreground_weight)
+    reconstruction_loss = (weights * (error.abs() + error.square())).mean() / weights.mean()  # weighted L1 + MSE
     kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
-    return {"loss": mse + kl_weight * kl, "mse": mse, "kl": kl}
+    return {"loss": reconstruction_loss + kl_weight * kl, "mse": error.square().mean(), "kl": kl}
 
 
 def main(argv=None) -> dict:
@@ -149,7 +165,9 @@ def main(argv=None) -> dict:
         dataloader.set_epoch(epoch)
         skip = global_step - epoch * len(dataloader)
         for pixel_values in accelerator.skip_first_batches(dataloader, skip) if skip else dataloader:
-            losses = autoencoder_losses(accelerator.unwrap_model(vae), pixel_values, args.kl_weight)
+            losses = autoencoder_losses(
+                accelerator.unwrap_model(vae), pixel_values, args.kl_weight, args.foreground_weight
+            )
             accelerator.backward(losses["loss"])
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)

@@ -25,7 +25,9 @@ from .prompting import DEFAULT_SYSTEM_PROMPT, render_training_conversation
 from .tiny import special_token_ids, tiny_tokenizer
 
 
-def conversation_texts(conversations: Iterable[list[dict]], system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> Iterator[str]:
+def conversation_texts(
+    conversations: Iterable[list[dict]], system_prompt: str = DEFAULT_SYSTEM_PROMPT
+) -> Iterator[str]:
     """The training text of each conversation (what the collator tokenizes), for training the tokenizer."""
     for turns in conversations:
         yield render_training_conversation(turns, system_prompt)
