@@ -27,7 +27,8 @@ def read_series(spec: str) -> tuple[str, list[int], list[float]]:
     rows = [row for row in rows if key in row and row[key] is not None and row[key] > 0]
     if not rows:
         raise ValueError(f"{path} has no positive values of {key!r}.")
-    return f"{Path(path).parent.name}: {key}", [row["step"] for row in rows], [row[key] for row in rows]
+    name = Path(path).parent.name if Path(path).name == "metrics.jsonl" else Path(path).stem
+    return f"{name}: {key}", [row["step"] for row in rows], [row[key] for row in rows]
 
 
 def running_mean(values: list[float], window: int) -> list[float]:

@@ -36,12 +36,12 @@ from transformers_cheers.shapes import (
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "cheers-shapes"
 PROMPTS = [
-    "a red circle on the left",
-    "a blue square on the center",
-    "a yellow triangle on the right",
-    "a orange square on the left",
-    "a purple triangle",
-    caption(*HELD_OUT[0], "right"),  # never drawn in training: composition
+    caption("red", "circle", "left"),
+    caption("blue", "square", "center"),
+    caption("yellow", "triangle", "right"),
+    caption("orange", "square", "left"),
+    caption("purple", "triangle"),  # the short caption: position free
+    caption(*HELD_OUT[0], "right"),  # a held-out combination, never drawn in training: composition
 ]
 
 
@@ -108,7 +108,7 @@ def main():
     # 2. understanding: a freshly drawn picture
     scene = sample_scene(random.Random(args.seed))
     source = draw_scene(scene)
-    print(f"[understanding] a freshly drawn {caption(scene.colour, scene.shape, scene.position)}")
+    print(f"[understanding] a freshly drawn picture of {caption(scene.colour, scene.shape, scene.position)}")
     for kind in ("colour", "shape", "position"):
         print(f"  {QUESTIONS[kind]!r} -> {answer(pipe, source, QUESTIONS[kind])!r} (truth: {scene.answer(kind)!r})")
 

@@ -39,7 +39,11 @@ def train_tokenizer(texts: Iterable[str], max_vocab_size: int = 2048) -> Qwen2To
     Training stops when no pair occurs twice or at `max_vocab_size`: the vocabulary is the 256 bytes, the special
     tokens and one entry per frequent word (piece). Deterministic for the same texts in the same order.
     """
-    return tiny_tokenizer().train_new_from_iterator(texts, vocab_size=max_vocab_size, min_frequency=2)
+    tokenizer = tiny_tokenizer().train_new_from_iterator(texts, vocab_size=max_vocab_size, min_frequency=2)
+    # Training leaves right padding configured in the backend, and a saved tokenizer's padding side wins over the
+    # processor's left-padding default: batched generation would then append new tokens after the padding.
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+    return tokenizer
 
 
 def new_cheers(
