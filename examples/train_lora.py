@@ -44,11 +44,11 @@ from accelerate.utils import (
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_constant_schedule_with_warmup
+from transformers import get_scheduler
 
 from transformers_cheers import CheersForConditionalGeneration, CheersProcessor
 from transformers_cheers.data import CheersTrainingCollator, load_conversation_dataset, make_synthetic_dataset
-from transformers_cheers.lora import LORA_PRESETS, apply_lora, set_trainable_stage
+from transformers_cheers.lora import LORA_PRESETS, STAGES, apply_lora, set_trainable_stage
 from transformers_cheers.tiny import tiny_cheers
 
 
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-errors", choices=["raise", "skip"], default="raise", help="bad jsonl lines")
     parser.add_argument("--output-dir", default="cheers-lora")
     parser.add_argument("--full", action="store_true", help="full fine-tuning of everything but the VAE (sft)")
-    parser.add_argument("--stage", choices=["sft", "align"], default="sft", help="modules trained with --full")
+    parser.add_argument("--stage", choices=sorted(STAGES), default="sft", help="modules trained with --full")
     parser.add_argument("--lora-preset", choices=sorted(LORA_PRESETS), default="llm_heads")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=None, help="default: 2 x rank")
@@ -69,6 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup-ratio", type=float, default=0.02, help="linear warm-up, then constant (official)")
+    parser.add_argument(
+        "--lr-scheduler",
+        choices=["constant_with_warmup", "cosine", "linear"],
+        default="constant_with_warmup",
+        help="after the warm-up: constant (official) or a decay to 0 at --max-steps (short from-scratch runs)",
+    )
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=2, help="per process")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
@@ -229,7 +235,12 @@ def main(argv=None) -> list[dict]:
     )
     warmup_steps = math.ceil(args.warmup_ratio * args.max_steps)
     # Accelerate's scheduler wrapper steps once per process per optimizer step
-    scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps * accelerator.num_processes)
+    scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_steps * accelerator.num_processes,
+    )
     model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
 
     is_fsdp = accelerator.distributed_type == DistributedType.FSDP

@@ -119,10 +119,14 @@ STAGES = {
         "lm_head.",
     ),
 }
+# From scratch (docs/shapes.md): the VAE stage trained the decoder the decoder projector starts from, so both stay frozen
+# and the step skips the backward pass through the convolutions (most of a small model's CPU time).
+STAGES["scratch"] = tuple(prefix for prefix in STAGES["sft"] if prefix != "model.vae_decoder_projector.")
 
 
 def set_trainable_stage(model, stage: str = "sft") -> int:
-    """Freeze everything except the modules the official `stage` (`align` or `sft`) trains; returns #trainable."""
+    """Freeze everything except the modules `stage` trains (official `align` or `sft`, or `scratch`: `sft` without
+    the decoder projector); returns #trainable."""
     if stage not in STAGES:
         raise ValueError(f"Unknown stage {stage!r}; choose one of {sorted(STAGES)}.")
     count = 0

@@ -1,6 +1,8 @@
-"""Named model sizes, as data. `tiny` is the embedded default of the demo and the tests (random weights, seconds on
-a CPU); `bench-mid` is the mid-size benchmark model of the project (real vocabulary and widths of a small model);
-`full` is the released model (Qwen2.5-1.5B, SigLIP2 so400m at 512 px, the FLUX.2 VAE), for `benchmarks/bench_gpu.py`."""
+"""Named model sizes, as data. `tiny` is the random-weight model of the tests (seconds on a CPU); `shapes` is the
+Cheers-Shapes model trained from scratch on 64 px synthetic shapes (`docs/shapes.md`; its vocabulary size and token
+ids come from the tokenizer trained on the data); `bench-mid` is the mid-size benchmark model of the project (real
+vocabulary and widths of a small model); `full` is the released model (Qwen2.5-1.5B, SigLIP2 so400m at 512 px, the
+FLUX.2 VAE), for `benchmarks/bench_gpu.py`."""
 
 from .configuration_cheers import CheersConfig
 
@@ -29,6 +31,38 @@ PRESETS: dict[str, dict] = {
         "vae_config": {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8},
         "semantic_head_num_layers": 2,
         "detail_head_num_layers": 1,
+    },
+    "shapes": {
+        # 64 px images, 8 px patches: an 8x8 SigLIP / latent grid, 2x2-merged into 16 LLM tokens per image.
+        "text_config": {
+            "hidden_size": 128,
+            "intermediate_size": 384,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+        },
+        "vision_config": {
+            "hidden_size": 64,
+            "intermediate_size": 192,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 8,
+        },
+        # 3 levels (4x down) + the 2x2 patchify = 8 px, SigLIP's patch; 4 channels -> 16 latent channels. Few
+        # channels at full resolution: there the convolutions dominate the CPU time of a training step.
+        "vae_config": {
+            "block_out_channels": [8, 16, 32],
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 4,
+        },
+        "time_embedding_dim": 64,
+        "semantic_head_num_layers": 2,
+        "detail_head_num_layers": 2,
+        # diffusers' fused SiLU / attention: faster on a CPU; the unfused kernels only matter for official bf16 parity
+        "vae_unfused_kernels": False,
     },
     "bench-mid": {
         "text_config": {

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The Cheers-Shapes recipe (docs/shapes.md): the shipped examples/cheers-shapes model, from nothing, on a CPU.
+#
+#   bash examples/train_shapes.sh [RUN_DIR] [EXPORT_DIR]      # defaults: runs/cheers-shapes, RUN_DIR/model
+#
+# 0. data: the synthetic world (python -m transformers_cheers.shapes);
+# 1. examples/train_vae.py: a new model (tokenizer trained on the data's text, `shapes` preset), its VAE trained as an
+#    autoencoder, latent statistics, decoder projector copied from the decoder, VAE frozen;
+# 2. examples/train_lora.py --full --stage scratch: everything but the VAE and the decoder projector, on the mixed
+#    understanding / generation / editing data, with the official objective;
+# 3. export: the final folder plus the world card (with the sampling settings the model is meant to use).
+# Sizes and steps can be overridden from the environment (e.g. SFT_STEPS=20 for a smoke run). Both training stages
+# checkpoint every few hundred steps; rerunning this script resumes a stage from its newest checkpoint.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+RUN="${1:-runs/cheers-shapes}"
+EXPORT="${2:-$RUN/model}"
+PYTHON="${PYTHON:-python}"
+NUM_GENERATION="${NUM_GENERATION:-6000}"
+NUM_UNDERSTANDING="${NUM_UNDERSTANDING:-4000}"
+NUM_EDITING="${NUM_EDITING:-3000}"
+VAE_STEPS="${VAE_STEPS:-900}"
+SFT_STEPS="${SFT_STEPS:-3500}"
+SFT_BATCH="${SFT_BATCH:-16}"
+DEFAULT_SAMPLING='{"num_inference_steps": 20, "guidance_scale": 3.0}'
+SAMPLING="${SAMPLING:-$DEFAULT_SAMPLING}"
+
+resume_flag() {  # --resume latest when the stage has a checkpoint
+  if compgen -G "$1/checkpoint-*" > /dev/null; then echo "--resume latest"; fi
+}
+
+stage_time() { echo "[train_shapes] $1: $(( SECONDS - $2 )) s (wall clock)"; }
+
+start=$SECONDS
+if [ ! -f "$RUN/data/train.jsonl" ]; then
+  "$PYTHON" -m transformers_cheers.shapes --output "$RUN/data" --num-generation "$NUM_GENERATION" \
+    --num-understanding "$NUM_UNDERSTANDING" --num-editing "$NUM_EDITING" --overwrite
+fi
+stage_time data "$start"
+
+start=$SECONDS
+if [ ! -f "$RUN/vae/final/config.json" ]; then
+  # shellcheck disable=SC2046
+  "$PYTHON" "$HERE/train_vae.py" --data "$RUN/data/train.jsonl" --output-dir "$RUN/vae" --max-steps "$VAE_STEPS" \
+    --batch-size 16 --learning-rate 3e-3 --checkpoint-every 100 --checkpoints-total-limit 1 --quiet \
+    $(resume_flag "$RUN/vae")
+fi
+stage_time "stage 1 (VAE)" "$start"
+
+start=$SECONDS
+if [ ! -f "$RUN/sft/final/config.json" ]; then
+  # shellcheck disable=SC2046
+  "$PYTHON" "$HERE/train_lora.py" --full --stage scratch --model "$RUN/vae/final" --data "$RUN/data/train.jsonl" \
+    --output-dir "$RUN/sft" --max-steps "$SFT_STEPS" --batch-size "$SFT_BATCH" --learning-rate 1e-3 \
+    --lr-scheduler cosine --warmup-ratio 0.03 --no-gradient-checkpointing --checkpoint-every 250 \
+    --checkpoints-total-limit 1 --report-to none --quiet $(resume_flag "$RUN/sft")
+fi
+stage_time "stage 2 (scratch)" "$start"
+
+"$PYTHON" - "$RUN/sft/final" "$EXPORT" "$SAMPLING" <<'EOF'
+import json, shutil, sys
+from pathlib import Path
+
+from transformers_cheers.shapes import write_world_card
+
+source, target, sampling = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+target.mkdir(parents=True, exist_ok=True)
+for path in source.iterdir():  # the model, tokenizer, processor and generation config; not the remote-code copies
+    if path.is_file() and path.suffix != ".py":
+        shutil.copy2(path, target / path.name)
+write_world_card(target, sampling=sampling)
+print(f"Exported {target} (sampling: {sampling})")
+EOF

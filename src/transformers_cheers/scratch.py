@@ -1,0 +1,106 @@
+"""A Cheers trained from scratch on a dataset of its own (the Cheers-Shapes recipe, `docs/shapes.md`).
+
+* `train_tokenizer`: a byte-level BPE tokenizer (the Qwen2 tokenizer class, so `CheersProcessor` loads it as usual)
+  whose merges are learnt from the dataset's own rendered conversations, plus the Qwen2 chat tokens and the five
+  Cheers tokens. Every word of the data becomes one token; any other text still encodes (byte-level: a word the data
+  never had falls back to smaller pieces, down to single bytes), so no input can fail to tokenize and there is no
+  unknown token. The model never saw those pieces in training, so it reads them as noise.
+* `new_cheers`: a randomly initialised model of a preset size whose vocabulary and token ids are the tokenizer's.
+* `latent_statistics` / `finish_vae_stage`: the hand-over from the autoencoder stage: the latent BatchNorm
+  statistics of both the VAE and the decoder projector, and the decoder projector initialised from the trained VAE
+  decoder (as Cheers initialises it from the FLUX.2 decoder).
+"""
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from transformers import Qwen2Tokenizer
+
+from .image_processing_cheers import CheersImageProcessor
+from .layout import patchify_latents
+from .modeling_cheers import CheersForConditionalGeneration
+from .presets import PRESETS, preset_config
+from .processing_cheers import CheersProcessor
+from .prompting import DEFAULT_SYSTEM_PROMPT, render_training_conversation
+from .tiny import special_token_ids, tiny_tokenizer
+
+
+def conversation_texts(
+    conversations: Iterable[list[dict]], system_prompt: str = DEFAULT_SYSTEM_PROMPT
+) -> Iterator[str]:
+    """The training text of each conversation (what the collator tokenizes), for training the tokenizer."""
+    for turns in conversations:
+        yield render_training_conversation(turns, system_prompt)
+
+
+def train_tokenizer(texts: Iterable[str], max_vocab_size: int = 2048) -> Qwen2Tokenizer:
+    """A Qwen2 (byte-level BPE) tokenizer whose merges are learnt from `texts`; chat and Cheers tokens included.
+
+    Training stops when no pair occurs twice or at `max_vocab_size`: the vocabulary is the 256 bytes, the special
+    tokens and one entry per frequent word (piece). Deterministic for the same texts in the same order.
+    """
+    tokenizer = tiny_tokenizer().train_new_from_iterator(texts, vocab_size=max_vocab_size, min_frequency=2)
+    # Training leaves right padding configured in the backend, and a saved tokenizer's padding side wins over the
+    # processor's left-padding default: batched generation would then append new tokens after the padding.
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+    return tokenizer
+
+
+def new_cheers(
+    tokenizer: Qwen2Tokenizer, preset: str = "shapes", seed: int = 0
+) -> tuple[CheersForConditionalGeneration, CheersProcessor]:
+    """(model, processor): a randomly initialised Cheers of a preset size with the tokenizer's vocabulary and ids."""
+    vision = PRESETS[preset]["vision_config"]
+    image_processor = CheersImageProcessor(resolution=vision["image_size"], patch_size=vision.get("patch_size", 16))
+    processor = CheersProcessor(image_processor, tokenizer)
+    ids = special_token_ids(processor)
+    text_config = {**PRESETS[preset]["text_config"], "vocab_size": len(tokenizer)}
+    torch.manual_seed(seed)
+    model = CheersForConditionalGeneration(preset_config(preset, text_config=text_config, **ids))
+    model.generation_config.eos_token_id = ids["eos_token_id"]
+    model.generation_config.pad_token_id = ids["pad_token_id"]
+    return model, processor
+
+
+@torch.no_grad()
+def latent_statistics(vae, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance of the patchified posterior means of the images (`batches` of [0, 1] pixels).
+
+    These are the BatchNorm statistics Cheers normalises its latents with (computed exactly over the data, not as
+    BatchNorm's running average).
+    """
+    count, total, total_squares = 0, 0.0, 0.0
+    for pixel_values in batches:
+        latents = patchify_latents(vae.encode(pixel_values.to(vae.dtype)).latent_dist.mean, vae.config.patch_size)
+        latents = latents.double().transpose(0, 1).flatten(1)  # (channels, values)
+        count += latents.shape[1]
+        total = total + latents.sum(1)
+        total_squares = total_squares + latents.square().sum(1)
+    if count == 0:
+        raise ValueError("latent_statistics got no images.")
+    mean = total / count
+    return mean.float(), (total_squares / count - mean.square()).clamp(min=0).float()
+
+
+@torch.no_grad()
+def finish_vae_stage(model: CheersForConditionalGeneration, mean: torch.Tensor, variance: torch.Tensor) -> None:
+    """Freeze the trained VAE, store its latent statistics in both BatchNorms and copy its decoder into the decoder
+    projector (which must have the VAE decoder's architecture: leave `decoder_projector_config` at its default)."""
+    inner = model.model
+    for batch_norm in (inner.vae.bn, inner.vae_decoder_projector.bn):
+        batch_norm.running_mean.copy_(mean)
+        batch_norm.running_var.copy_(variance)
+        batch_norm.num_batches_tracked.fill_(1)
+    projector = inner.vae_decoder_projector
+    try:
+        projector.decoder.load_state_dict(inner.vae.decoder.state_dict())
+        projector.post_quant_conv.load_state_dict(inner.vae.post_quant_conv.state_dict())
+    except RuntimeError as error:
+        raise ValueError(
+            "The decoder projector cannot start from the VAE decoder: their architectures differ. Leave "
+            "decoder_projector_config unset (it then copies the VAE's) to use this recipe."
+        ) from error
+    inner.vae.requires_grad_(False)
+
+
+__all__ = ["conversation_texts", "finish_vae_stage", "latent_statistics", "new_cheers", "train_tokenizer"]
