@@ -46,46 +46,17 @@ def load_variants(folder: Path) -> dict:
 
 @torch.no_grad()
 def case2_logits(golden, model) -> torch.Tensor:
-    from conftest import expand_official_ids
+    from conftest import understanding_inputs
 
-    inputs = golden.inputs("case2_understanding")
-    ids, mask, _ = expand_official_ids(
-        inputs["inputs/input_ids"][0],
-        inputs["inputs/attention_mask"][0],
-        model.config.num_image_tokens,
-        model.config.image_token_id,
-        context=False,
-    )
-    pixels = inputs["inputs/pixel_values"].to(model.dtype)
-    return model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits.float()
+    inputs = understanding_inputs(golden, model.config, "case2_understanding")
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return model(**inputs).logits.float()
 
 
-@torch.no_grad()
 def case4a_final_latent(golden, model) -> torch.Tensor:
-    from transformers_cheers import CheersFlowMatchScheduler, CheersPipeline, CheersProcessor
-    from transformers_cheers.processing_cheers import official_dummy_image
+    from conftest import official_t2i_final_latents
 
-    case = "case4a_t2i_cfg"
-    info = golden.case_info(case, "fp32")
-    settings = info["generate"]["kwargs"]
-    prompt = info["prompt_text"].split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
-    pipeline = CheersPipeline(
-        model=model,
-        processor=CheersProcessor.from_official_checkpoint(golden.checkpoint),
-        scheduler=CheersFlowMatchScheduler(time_shift=settings["alpha"]),
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    size = golden.inputs(case)["inputs/pixel_values"].shape[-1]
-    return pipeline(
-        prompt,
-        num_inference_steps=settings["num_inference_steps"],
-        guidance_scale=settings["cfg_scale"],
-        latents=golden.outputs(case, "fp32")["z0"],
-        context_image=official_dummy_image(info["numpy_seed"]),
-        height=size,
-        width=size,
-        output_type="latent",
-    ).images.float()
+    return official_t2i_final_latents(golden, model, "case4a_t2i_cfg").float()
 
 
 def golden_rows() -> list[dict]:

@@ -112,6 +112,58 @@ def expand_official_ids(input_ids, attention_mask, tokens_per_image: int, image_
     return torch.tensor([ids]), torch.tensor([mask]), torch.tensor([context_mask])
 
 
+# understanding case -> whether the official run prefixed the dummy context image
+UNDERSTANDING_CONTEXT = {"case2_understanding": False, "case3_text_only": True}
+
+
+def understanding_inputs(golden, config, case: str) -> dict[str, torch.Tensor]:
+    """Model inputs of a recorded understanding case, in our expanded form (image placeholders, context mask)."""
+    inputs = golden.inputs(case)
+    context = UNDERSTANDING_CONTEXT[case]
+    ids, mask, context_mask = expand_official_ids(
+        inputs["inputs/input_ids"][0],
+        inputs["inputs/attention_mask"][0],
+        config.num_image_tokens,
+        config.image_token_id,
+        context=context,
+    )
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": inputs["inputs/pixel_values"],
+        "context_image_mask": context_mask if context else None,
+    }
+
+
+@torch.no_grad()
+def official_t2i_final_latents(golden, model, case: str, precision: str = "fp32") -> torch.Tensor:
+    """`CheersPipeline` run as the official text-to-image `case` ran: its prompt, settings, dummy context image and
+    recorded initial noise (of `precision`'s run). Returns the final latents."""
+    from transformers_cheers import CheersFlowMatchScheduler, CheersPipeline, CheersProcessor
+    from transformers_cheers.processing_cheers import official_dummy_image
+
+    info = golden.case_info(case, precision)
+    settings = info["generate"]["kwargs"]
+    user_prompt = info["prompt_text"].split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+    pipeline = CheersPipeline(
+        model=model,
+        processor=CheersProcessor.from_official_checkpoint(golden.checkpoint),
+        scheduler=CheersFlowMatchScheduler(time_shift=settings["alpha"]),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    size = golden.inputs(case)["inputs/pixel_values"].shape[-1]
+    return pipeline(
+        user_prompt,
+        num_inference_steps=settings["num_inference_steps"],
+        guidance_scale=settings["cfg_scale"] or 1.0,
+        latents=golden.outputs(case, precision)["z0"],
+        context_image=official_dummy_image(info["numpy_seed"]),
+        height=size,
+        width=size,
+        output_type="latent",
+    ).images
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """The tiny model runs thousands of tiny ops per step: with two intra-op threads on a busy 2-core machine every

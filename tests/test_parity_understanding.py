@@ -2,31 +2,18 @@
 
 import pytest
 import torch
-from conftest import assert_close_rel_l2, expand_official_ids, tolerance_for
+from conftest import UNDERSTANDING_CONTEXT, assert_close_rel_l2, tolerance_for, understanding_inputs
 
 
-CASES = {"case2_understanding": False, "case3_text_only": True}  # case -> uses the official dummy context image
+CASES = list(UNDERSTANDING_CONTEXT)
 
 
 def prepare(golden, model, case):
-    inputs = golden.inputs(case)
-    ids, mask, context = expand_official_ids(
-        inputs["inputs/input_ids"][0],
-        inputs["inputs/attention_mask"][0],
-        model.config.num_image_tokens,
-        model.config.image_token_id,
-        context=CASES[case],
-    )
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "pixel_values": inputs["inputs/pixel_values"],
-        "context_image_mask": context if CASES[case] else None,
-    }
+    return understanding_inputs(golden, model.config, case)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_prefill_matches_official(golden, golden_models, case, precision):
     model = golden_models(precision)
     expected = golden.outputs(case, precision)
@@ -49,7 +36,7 @@ def test_prefill_matches_official(golden, golden_models, case, precision):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_greedy_generation_matches_official(golden, golden_models, case, precision):
     model = golden_models(precision)
     inputs = prepare(golden, model, case)

@@ -4,10 +4,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import assert_close_rel_l2, tolerance_for
+from conftest import assert_close_rel_l2, official_t2i_final_latents, tolerance_for
 
-from transformers_cheers import CheersFlowMatchScheduler, CheersPipeline, CheersProcessor
-from transformers_cheers.processing_cheers import official_dummy_image
+from transformers_cheers import CheersFlowMatchScheduler, CheersPipeline
 from transformers_cheers.tiny import tiny_cheers
 
 
@@ -35,25 +34,8 @@ def fp32_pipe():
 def test_text_to_image_matches_official(golden, golden_models, case, precision):
     """Whole runs: official prompt + dummy context image + recorded initial noise -> final latent and image."""
     model = golden_models(precision)
-    processor = CheersProcessor.from_official_checkpoint(golden.checkpoint)
-    info = golden.case_info(case, precision)
-    settings = info["generate"]["kwargs"]
-    user_prompt = info["prompt_text"].split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
-    scheduler = CheersFlowMatchScheduler(time_shift=settings["alpha"])
-    pipeline = CheersPipeline(model=model, processor=processor, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
     expected = golden.outputs(case, precision)
-    size = golden.inputs(case)["inputs/pixel_values"].shape[-1]
-    latents = pipeline(
-        user_prompt,
-        num_inference_steps=settings["num_inference_steps"],
-        guidance_scale=settings["cfg_scale"] or 1.0,
-        latents=expected["z0"],
-        context_image=official_dummy_image(info["numpy_seed"]),
-        height=size,
-        width=size,
-        output_type="latent",
-    ).images
+    latents = official_t2i_final_latents(golden, model, case, precision)
     name = "final_latent"
     assert_close_rel_l2(latents, expected[name], tolerance_for(golden, case, name, precision, chain=True), name)
     with torch.no_grad():

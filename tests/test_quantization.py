@@ -4,16 +4,10 @@ import sys
 
 import pytest
 import torch
-from conftest import expand_official_ids, rel_l2
+from conftest import official_t2i_final_latents, rel_l2, understanding_inputs
 from torchao.quantization import Int8Tensor  # a dev dependency: without torchao the suite fails, it does not skip
 
-from transformers_cheers import (
-    CheersFlowMatchScheduler,
-    CheersForConditionalGeneration,
-    CheersPipeline,
-    CheersProcessor,
-)
-from transformers_cheers.processing_cheers import official_dummy_image
+from transformers_cheers import CheersForConditionalGeneration
 from transformers_cheers.quantization import NOT_QUANTIZED, int8_weight_only_config, weight_bytes
 
 
@@ -50,42 +44,11 @@ def test_drift_on_the_golden_fixtures(golden, models):
     """Logits of case2 and the final latent of a guided text-to-image run stay close to fp32 (measured: 0.045 and
     0.14 relative L2; bf16 weights give 0.040 and 0.21). The bounds are twice the measured drift."""
     reference, quantized = models
-    inputs = golden.inputs("case2_understanding")
-    ids, mask, _ = expand_official_ids(
-        inputs["inputs/input_ids"][0],
-        inputs["inputs/attention_mask"][0],
-        reference.config.num_image_tokens,
-        reference.config.image_token_id,
-        context=False,
-    )
-    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs["inputs/pixel_values"]}
+    batch = understanding_inputs(golden, reference.config, "case2_understanding")
     with torch.no_grad():
         logits = [model(**batch).logits for model in models]
     assert rel_l2(logits[1], logits[0]) < 0.09
-
-    case = "case4a_t2i_cfg"
-    info, noise = golden.case_info(case, "fp32"), golden.outputs(case, "fp32")["z0"]
-    settings = info["generate"]["kwargs"]
-    prompt = info["prompt_text"].split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
-    latents = []
-    for model in models:
-        pipe = CheersPipeline(
-            model=model,
-            processor=CheersProcessor.from_official_checkpoint(golden.checkpoint),
-            scheduler=CheersFlowMatchScheduler(time_shift=settings["alpha"]),
-        )
-        pipe.set_progress_bar_config(disable=True)
-        output = pipe(
-            prompt,
-            num_inference_steps=settings["num_inference_steps"],
-            guidance_scale=settings["cfg_scale"],
-            latents=noise,
-            context_image=official_dummy_image(info["numpy_seed"]),
-            height=noise.shape[-1] * model.config.vision_config.patch_size,
-            width=noise.shape[-1] * model.config.vision_config.patch_size,
-            output_type="latent",
-        )
-        latents.append(output.images)
+    latents = [official_t2i_final_latents(golden, model, "case4a_t2i_cfg") for model in models]
     assert rel_l2(latents[1], latents[0]) < 0.28
     assert not torch.equal(latents[1], latents[0])  # the quantized weights are really used
 
