@@ -1,5 +1,6 @@
 """Shared test setup: offline hub, the golden fixture folder, tolerance helpers."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -184,6 +185,14 @@ def run_python_without_the_package(code: str, cwd) -> subprocess.CompletedProces
         cwd=cwd,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+
+
+def load_script(path: Path):
+    """A script of the repository (examples/, benchmarks/, conversion/) imported as a module, by file path."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def fake_hub_snapshot(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef" * 2 + "01234567"):

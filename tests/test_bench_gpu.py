@@ -1,6 +1,5 @@
 """benchmarks/bench_gpu.py on a CPU: the full-size preset, the analytic FLOP count and a tiny end-to-end smoke run."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -56,10 +56,7 @@ SMOKE_ARGS += ["--decode-tokens", "32"]  # enough decode steps to time above the
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH_SCRIPT)
 
 
 def test_full_preset_is_the_official_release():

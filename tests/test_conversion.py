@@ -4,7 +4,6 @@ One CLI conversion of the golden checkpoint (module fixture, in a subprocess) is
 """
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PRECISIONS, assert_close_rel_l2, expand_official_ids, tolerance_for
+from conftest import PRECISIONS, assert_close_rel_l2, expand_official_ids, load_script, tolerance_for
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -50,13 +49,6 @@ SCRIPT = ROOT / "conversion" / "convert_cheers_to_hf.py"
 SHARD_SIZE = "20MB"  # the golden model is ~30 MB in bf16 -> 2 shards
 # What the remote-code files may import: these packages and the standard library.
 ALLOWED_IMPORTS = {"transformers", "diffusers", "torch", "PIL", "numpy", "huggingface_hub"}
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 convert_cli = load_script(SCRIPT)

@@ -2,7 +2,6 @@
 lists every prompt once, reruns skip what is done and redo a deleted image; seeds, file names, model sources and
 bad inputs."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import PartialState
+from conftest import load_script
 from transformers.utils import logging as transformers_logging
 
 from transformers_cheers.tiny import tiny_cheers
@@ -26,10 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("generate_distributed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture

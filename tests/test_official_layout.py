@@ -2,7 +2,6 @@
 `convert_cheers_to_hf.py --to-official` (native -> official, e.g. to serve a fine-tuned model with vLLM).
 """
 
-import importlib.util
 import json
 import re
 import shutil
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fake_hub_snapshot
+from conftest import fake_hub_snapshot, load_script
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 from transformers.testing_utils import CaptureLogger
@@ -38,13 +37,6 @@ from transformers_cheers.official_checkpoint import logger as official_logger
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "conversion" / "convert_cheers_to_hf.py"
 POOLING_HEAD = "model.vision_representation.head."
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 convert_cli = load_script(SCRIPT)

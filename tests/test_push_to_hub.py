@@ -9,7 +9,6 @@ The real thing is `test_push_to_the_real_hub` (marked network, deselected by def
 
 import base64
 import hashlib
-import importlib.util
 import json
 import os
 import socket
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from conftest import load_script
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.utils import _http
 
@@ -28,13 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload ra
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "someone/cheers-hf"
 LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub stores files above 10 MB (and *.safetensors) with LFS/Xet
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 push_script = load_script(ROOT / "conversion" / "push_to_hub.py")

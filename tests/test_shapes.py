@@ -2,7 +2,6 @@
 combinations out of generation and editing, the project's loader and collator read what it writes, the rule-based
 reader is exact enough to judge a model, and the evaluator refuses other models and runs end to end."""
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -11,6 +10,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import pytest
+from conftest import load_script
 
 from transformers_cheers import shapes
 from transformers_cheers.data import CheersTrainingCollator
@@ -30,10 +30,7 @@ def written(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eval_shapes():
-    spec = importlib.util.spec_from_file_location("eval_shapes", EVAL_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EVAL_SCRIPT)
 
 
 def records(folder: Path, kind: str) -> list[dict]:

@@ -2,7 +2,6 @@
 `benchmarks/eval_shapes.py`, fixed seeds, thresholds well below the benchmark's targets), its tokenizer takes any
 text, and the recipe's two training stages run (a few steps each), resume, and freeze what they should."""
 
-import importlib.util
 import json
 import random
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import load_script
 from safetensors.torch import load_file
 
 from transformers_cheers import (
@@ -133,13 +133,10 @@ def test_unknown_words_still_tokenize_and_run(pipe):
 # ---- the recipe ----------------------------------------------------------------------------------------------------
 
 
-def load_script(name: str):
+def load_example(name: str):
     sys.path.insert(0, str(EXAMPLES))  # train_vae imports train_lora's helpers, as when run from examples/
     try:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return load_script(EXAMPLES / f"{name}.py")
     finally:
         sys.path.remove(str(EXAMPLES))
 
@@ -153,7 +150,7 @@ def run(script, *args):
 
 def test_recipe_runs_resumes_and_freezes_the_vae(tmp_path):
     data = write_dataset(tmp_path / "data", num_generation=6, num_understanding=6, num_editing=4) / "train.jsonl"
-    train_vae, train_lora = load_script("train_vae"), load_script("train_lora")
+    train_vae, train_lora = load_example("train_vae"), load_example("train_lora")
     vae_args = ["--data", data, "--output-dir", tmp_path / "vae", "--batch-size", 4, "--statistics-images", 8]
     run(train_vae, *vae_args, "--max-steps", 2, "--checkpoint-every", 1, "--quiet")
     resumed = run(train_vae, *vae_args, "--max-steps", 3, "--resume", "latest", "--quiet")

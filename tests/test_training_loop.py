@@ -2,7 +2,6 @@
 loss curve, and examples/train_lora.py under a real 2-process DDP run (gloo) ends with identical weights on both
 ranks."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import load_script
 from safetensors.torch import load_file
 
 from transformers_cheers.data import CheersTrainingCollator, load_conversation_dataset, make_synthetic_dataset
@@ -30,10 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def train_script():
-    spec = importlib.util.spec_from_file_location("train_lora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def train(train_script, output_dir, *args) -> list[dict]:
