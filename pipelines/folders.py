@@ -80,8 +80,10 @@ def load_root_components(folder: Path, official: bool = False, **kwargs) -> dict
         # An official folder's auto_map names the official code, so the classes are named here (by module path: this
         # file also travels as remote code, where the package is absent and never imported).
         package = importlib.import_module("transformers_cheers")
-        components.setdefault("model", package.CheersForConditionalGeneration.from_pretrained(folder, **kwargs))
-        components.setdefault("processor", package.CheersProcessor.from_official_checkpoint(folder))
+        if "model" not in components:
+            components["model"] = package.CheersForConditionalGeneration.from_pretrained(folder, **kwargs)
+        if "processor" not in components:
+            components["processor"] = package.CheersProcessor.from_official_checkpoint(folder)
     if "model" not in components:
         components["model"] = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
     if "processor" not in components:
