@@ -16,12 +16,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-from transformers_cheers import (
-    CheersFlowMatchScheduler,
-    CheersForConditionalGeneration,
-    CheersPipeline,
-    CheersProcessor,
-)
+from transformers_cheers import CheersPipeline
 from transformers_cheers.shapes import (
     HELD_OUT,
     QUESTIONS,
@@ -35,24 +30,20 @@ from transformers_cheers.shapes import (
 
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "cheers-shapes"
-PROMPTS = [
-    caption("red", "circle", "left"),
-    caption("blue", "square", "center"),
-    caption("yellow", "triangle", "right"),
-    caption("orange", "square", "left"),
-    caption("purple", "triangle"),  # the short caption: position free
-    caption(*HELD_OUT[0], "right"),  # a held-out combination, never drawn in training: composition
+ASKED = [  # (colour, shape, position) of each prompt
+    ("red", "circle", "left"),
+    ("blue", "square", "center"),
+    ("yellow", "triangle", "right"),
+    ("orange", "square", "left"),
+    ("purple", "triangle", None),  # the short caption: position free
+    (*HELD_OUT[0], "right"),  # a held-out combination, never drawn in training: composition
 ]
+PROMPTS = [caption(*asked) for asked in ASKED]
 
 
 def load(folder: Path) -> tuple[CheersPipeline, dict]:
     card = read_world_card(folder)  # refuses a folder that is not a Cheers-Shapes model
-    model = CheersForConditionalGeneration.from_pretrained(folder).eval()
-    processor = CheersProcessor.from_pretrained(folder)
-    scheduler = (
-        CheersFlowMatchScheduler.from_pretrained(folder) if (folder / "scheduler_config.json").exists() else None
-    )
-    pipe = CheersPipeline(model=model, processor=processor, scheduler=scheduler or CheersFlowMatchScheduler())
+    pipe = CheersPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe, card.get("sampling", {})
 
@@ -78,9 +69,18 @@ def answer(pipe: CheersPipeline, image: PIL.Image.Image, question: str) -> str:
     return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def describe(reading: tuple) -> str:
-    colour, shape, position = (value or "?" for value in reading)
-    return f"{colour} {shape} on the {position}"
+def describe(reading: tuple, asked: tuple | None = None) -> str:
+    """What the reader saw, e.g. "a blue circle on the center (shape wrong)"; parts it could not read are named."""
+    colour, shape, position = reading
+    if colour is None and shape is None:
+        return "nothing the reader recognises as one shape"
+    text = f"a {colour or 'off-palette'} {shape or 'shapeless blob'} on the {position or '?'}"
+    if asked is not None:
+        wrong = [
+            part for part, want, got in zip(("colour", "shape", "position"), asked, reading) if want and want != got
+        ]
+        text += f" ({', '.join(wrong)} wrong)" if wrong else " (as asked)"
+    return text
 
 
 def main():
@@ -98,9 +98,9 @@ def main():
     generator = [torch.Generator().manual_seed(args.seed + index) for index in range(len(PROMPTS))]
     images = pipe(PROMPTS, generator=generator, **sampling).images
     print(f"[text-to-image] {sampling or 'pipeline defaults'}")
-    for prompt, image in zip(PROMPTS, images):
+    for prompt, asked, image in zip(PROMPTS, ASKED, images):
         held_out = " (held out of training)" if prompt == PROMPTS[-1] else ""
-        print(f"  {prompt!r}{held_out} -> drew a {describe(read_scene(image))}")
+        print(f"  {prompt!r}{held_out} -> drew {describe(read_scene(image), asked)}")
     grid_path = args.output_dir / "shapes_grid.png"
     labelled_grid(images, PROMPTS).save(grid_path)
     print(f"  saved {grid_path}")
@@ -118,7 +118,8 @@ def main():
     edited = pipe(instruction, image=source, generator=torch.Generator().manual_seed(args.seed), **sampling).images[0]
     edit_path = args.output_dir / "shapes_edit.png"
     labelled_grid([source, edited], ["source", instruction]).save(edit_path)
-    print(f"[editing] {instruction!r} -> {describe(read_scene(edited))}; saved {edit_path}")
+    kept = (colour, scene.shape, scene.position)
+    print(f"[editing] {instruction!r} -> {describe(read_scene(edited), kept)}; saved {edit_path}")
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 
