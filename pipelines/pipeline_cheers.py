@@ -80,7 +80,8 @@ class CheersPipeline(DiffusionPipeline):
         A converted model repo (the converter's output: `config.json` with `model_type` "cheers", the processor files
         and, optionally, `scheduler_config.json`) gives all three components from its root; a pipeline folder
         (`model/`, `processor/`, `scheduler/` subfolders, as `save_pretrained` writes it) is read by diffusers' own
-        loader. An official checkpoint (model_type "umm") is converted in memory (nothing written). Neither needs `trust_remote_code`: the installed classes are used, never code files in the folder.
+        loader; an official checkpoint (model_type "umm") is converted in memory (nothing written). None of them
+        needs `trust_remote_code`: the installed classes are used, never code files in the folder.
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): a local folder or a Hub repo id.
