@@ -6,8 +6,9 @@
 The output loads with `CheersForConditionalGeneration.from_pretrained(OUTPUT)` and `CheersPipeline.from_pretrained(
 OUTPUT)`; without this package, with `AutoModel`/`AutoProcessor.from_pretrained(OUTPUT, trust_remote_code=True)` and
 `DiffusionPipeline.from_pretrained(OUTPUT, trust_remote_code=True)`. Weights are written as safetensors shards
-(bfloat16 by default, BatchNorm statistics in float32). Every official tensor is mapped or deliberately dropped (the unused SigLIP pooling
-head; `lm_head.weight`, which must equal the tied token embedding); anything else is an error. The converted folder
+(bfloat16 by default, BatchNorm statistics in float32). Every official tensor is mapped or deliberately dropped
+(the unused SigLIP pooling head; `lm_head.weight`, which must equal the tied token embedding); anything else is an
+error. The converted folder
 is then loaded and its logits and one velocity step compared with the unconverted weights (skip with --no-verify).
 Nothing is written unless everything succeeds.
 
