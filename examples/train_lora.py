@@ -13,8 +13,8 @@ installed (that is how Accelerate 1.x launches multi-CPU jobs); the script warns
 
 The objective is the official one (`model(**batch).loss` = text cross-entropy + flow-matching MSE, see
 `transformers_cheers.training`); batches come from `transformers_cheers.data` (guidance dropout, t sampling; text-only
-samples get no context image, as at inference). Every `--checkpoint-every` optimizer steps the full training state is saved
-(`accelerator.save_state`: LoRA weights or the model, optimizer, scheduler, RNG, step) under
+samples get no context image, as at inference). Every `--checkpoint-every` optimizer steps the full training state is
+saved (`accelerator.save_state`: LoRA weights or the model, optimizer, scheduler, RNG, step) under
 `OUTPUT/checkpoint-STEP`; `--resume latest` (or a folder) continues from it with the same data order and random draws.
 Losses (total, text, image) and the learning rate go to Accelerate's trackers: TensorBoard when installed, plus a
 `metrics.jsonl` file in OUTPUT. The result is saved to `OUTPUT/final` (LoRA: a small adapter folder; `--full`: a

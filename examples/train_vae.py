@@ -4,8 +4,8 @@
 
 Builds a Cheers of a preset size (`--preset`, default `shapes`) with a tokenizer trained on the dataset's own text
 (`transformers_cheers.scratch`), trains its VAE (diffusers' `AutoencoderKLFlux2` inside the model) on the images of
-the jsonl (L1 + MSE of the decoded posterior mean, object pixels weighted up, + a small KL term), computes the latent BatchNorm statistics over all the
-images, initialises the decoder projector from the trained decoder, and saves a model folder with its processor to
+the jsonl (L1 + MSE of the decoded posterior mean, object pixels weighted up, + a small KL term), computes the
+latent BatchNorm statistics over all the images, initialises the decoder projector from the trained decoder, and saves a model folder with its processor to
 `OUTPUT/final`: the `--model` of stage 2 (`examples/train_lora.py --full`, which keeps the VAE frozen).
 
 Like `train_lora.py`: 🤗 Accelerate, AdamW with warm-up and cosine decay, clipping, `metrics.jsonl` (loss, mse, kl,
