@@ -315,3 +315,32 @@ def test_velocity_function_traces_without_graph_breaks(tiny):
         core.get_latent_features(latents)  # transformers installs its output-capturing hooks once, under a lock
         explanation = torch._dynamo.explain(core.compute_velocity)(latents, torch.tensor(0.3), cache)
     assert explanation.graph_break_count == 0, [str(reason.reason)[:200] for reason in explanation.break_reasons]
+
+
+def test_decoder_projector_slicing_keeps_pixels_and_caps_the_batch_peak(tiny):
+    """diffusers' autoencoder slicing API on the per-step decoder pass: same pixels, the one-image memory peak."""
+    from pathlib import Path
+
+    from conftest import load_script
+
+    live_memory = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "live_memory.py")
+    projector = tiny.model.vae_decoder_projector
+    torch.manual_seed(1)
+    latents = torch.randn(4, tiny.config.latent_channels, 8, 8)
+
+    def decode():
+        with torch.no_grad(), live_memory.LiveTensorMemory() as memory:
+            pixels = projector(latents)
+        return pixels, memory.peak
+
+    whole, whole_peak = decode()
+    projector.enable_slicing()
+    try:
+        sliced, sliced_peak = decode()
+    finally:
+        projector.disable_slicing()
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
+    assert sliced.shape == (4, 3, 128, 128)
+    # four images at once hold four images' activations; one at a time holds one (plus the growing output)
+    assert sliced_peak < 0.5 * whole_peak, (sliced_peak, whole_peak)
+    assert projector.use_slicing is False

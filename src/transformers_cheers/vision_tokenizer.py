@@ -6,7 +6,7 @@ chains them: pixels -> VAE latent -> [x_t] -> `CheersDecoderProjector` -> SigLIP
 """
 
 import torch
-from diffusers.models.autoencoders.vae import Decoder
+from diffusers.models.autoencoders.vae import AutoencoderMixin, Decoder
 from torch import nn
 
 from .configuration_cheers import CheersConfig
@@ -19,8 +19,13 @@ def denormalize_latents(latents: torch.Tensor, batch_norm: nn.BatchNorm2d) -> to
     return latents * std + batch_norm.running_mean.to(latents.dtype).view(1, -1, 1, 1)
 
 
-class CheersDecoderProjector(nn.Module):
-    """The second VAE decoder: normalised patchified latents (clean or noisy) -> pixels for SigLIP."""
+class CheersDecoderProjector(nn.Module, AutoencoderMixin):
+    """The second VAE decoder: normalised patchified latents (clean or noisy) -> pixels for SigLIP.
+
+    It runs on every sampling step (on x_t) and its full-resolution activations are the peak memory of text-to-image
+    generation, which grows with the batch. `enable_slicing()` (diffusers' autoencoder API, as on the VAE) decodes
+    one image at a time, so the peak stays at the one-image level; like the VAE's slicing it is off by default.
+    """
 
     def __init__(self, config: CheersConfig):
         super().__init__()
@@ -45,8 +50,14 @@ class CheersDecoderProjector(nn.Module):
             act_fn="silu",
             mid_block_add_attention=True,
         )
+        self.use_slicing = False
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.use_slicing and latents.shape[0] > 1:
+            return torch.cat([self.decode_pixels(latent) for latent in latents.split(1)])
+        return self.decode_pixels(latents)
+
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         latents = unpatchify_latents(denormalize_latents(latents, self.bn), self.patch_size)
         return self.decoder(self.post_quant_conv(latents))
 
