@@ -19,15 +19,13 @@ extra untimed run (`live_memory.LiveTensorMemory`, the CPU analogue of `torch.cu
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_understanding import PeakMemory
+from bench_understanding import PeakMemory, child_result
 from live_memory import LiveTensorMemory
 from machine import machine_description
 
@@ -225,7 +223,6 @@ def main():
         child(args)
         return
     work = Path(tempfile.mkdtemp(prefix="bench_t2i_"))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
     passed = [
         f"--{k.replace('_', '-')}={v}"
         for k, v in vars(args).items()
@@ -239,10 +236,7 @@ def main():
     for implementation, python in sides:
         extra = ["--batch=1"] if implementation == "official" else []
         command = [python, __file__, *passed, *extra, f"--implementation={implementation}", f"--work={work}"]
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
-        if result.returncode:
-            sys.exit(f"{implementation} failed:\n{result.stderr[-3000:]}")
-        rows[implementation] = json.loads(result.stdout.strip().splitlines()[-1])
+        rows[implementation] = child_result(command, implementation)
     print_report(args, rows, work)
 
 

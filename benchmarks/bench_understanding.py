@@ -14,8 +14,10 @@ The official `generate` stops at once for prompts of more than 1024 text ids, so
 
 Each measurement runs in a fresh process (so peak memory is not polluted by earlier runs) on randomly initialised
 weights. Peak memory = highest resident set size sampled during the prefill minus the resident size just before it.
-Decode tokens/s = (N - 1) / (time of an N-token generation - time of a 1-token one), which removes the prefill.
-Figures are medians over --repeats; machines are noisy, compare ratios.
+Decode tokens/s = (N - 1) / (time of an N-token generation - time of a 1-token one), which removes the prefill;
+--decode-tokens 0 measures the prefill alone. --live-peak adds the exact peak of live tensor bytes of one extra,
+untimed prefill (`live_memory.LiveTensorMemory`). Figures are medians over --repeats; machines are noisy, compare
+ratios.
 """
 
 import argparse
@@ -35,6 +37,20 @@ IMAGE_START, IMAGE_END = 151667, 151668
 def resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * 4096
+
+
+def run_child(command: list[str]) -> subprocess.CompletedProcess:
+    """Run one measurement in a fresh interpreter (clean peak memory) that finds the modules of benchmarks/."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
+def child_result(command: list[str], label: str) -> dict:
+    """The JSON a measuring child prints on its last line; exits with the child's error if it failed."""
+    result = run_child(command)
+    if result.returncode:
+        sys.exit(f"{label} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 class PeakMemory:
@@ -149,6 +165,11 @@ def measure(args, preset: str) -> dict:
     runner = Official(preset, dtype, args.official_code) if args.implementation == "official" else Ours(preset, dtype)
 
     def text(total):
+        if total <= runner.image_tokens + 2:
+            raise ValueError(
+                f"A {total}-token prompt is too short: the image alone takes {runner.image_tokens + 2} tokens of "
+                f"preset {preset}; ask for more prompt tokens."
+            )
         return torch.randint(0, 150000, (total - runner.image_tokens - 2,))
 
     prefill_inputs, decode_inputs = (
@@ -164,6 +185,8 @@ def measure(args, preset: str) -> dict:
                 runner.prefill(prefill_inputs)
                 prefill_seconds.append(time.perf_counter() - start)
             peaks.append(memory.peak)
+            if not args.decode_tokens:
+                continue
             # Decode rate = extra tokens / extra time of a long generation over a one-token one (same prompt).
             start = time.perf_counter()
             runner.generate(decode_inputs, 1)
@@ -171,6 +194,7 @@ def measure(args, preset: str) -> dict:
             start = time.perf_counter()
             generated = runner.generate(decode_inputs, args.decode_tokens)
             decode_rates.append((generated - 1) / (time.perf_counter() - start - one_token))
+        live_peak = live_prefill_peak(runner, prefill_inputs) if args.live_peak else None
     return {
         "implementation": args.implementation,
         "preset": preset,
@@ -178,24 +202,36 @@ def measure(args, preset: str) -> dict:
         "prompt_tokens": args.prompt_tokens,
         "prefill_s": statistics.median(prefill_seconds),
         "prefill_peak_mib": statistics.median(peaks) / 2**20,
-        "decode_tok_s": statistics.median(decode_rates),
+        "prefill_live_peak_mib": live_peak,
+        "decode_tok_s": statistics.median(decode_rates) if decode_rates else None,
     }
 
 
+def live_prefill_peak(runner, inputs) -> float:
+    """MiB of live tensors at the peak of one prefill, in a run of its own: counting every operator slows it."""
+    from live_memory import LiveTensorMemory
+
+    with LiveTensorMemory() as live:
+        runner.prefill(inputs)
+    return live.peak / 2**20
+
+
 def print_table(rows):
-    header = f"{'impl':<9} {'preset':<10} {'dtype':<9} {'prompt':>7} {'prefill(s)':>10} {'peak(MiB)':>10} {'decode tok/s':>12}"
+    header = f"{'impl':<9} {'preset':<10} {'dtype':<9} {'prompt':>7} {'prefill(s)':>10} {'peak(MiB)':>10} "
+    header += f"{'live(MiB)':>10} {'decode tok/s':>12}"
     print(header)
     print("-" * len(header))
     for row in rows:
         print(
             f"{row['implementation']:<9} {row['preset']:<10} {row['dtype']:<9} {row['prompt_tokens']:>7} "
-            f"{row['prefill_s']:>10.3f} {row['prefill_peak_mib']:>10.1f} {row['decode_tok_s']:>12.1f}"
+            f"{row['prefill_s']:>10.3f} {row['prefill_peak_mib']:>10.1f} "
+            f"{row['prefill_live_peak_mib'] or float('nan'):>10.1f} {row['decode_tok_s'] or float('nan'):>12.1f}"
         )
     by_preset = {}
     for row in rows:
         by_preset.setdefault(row["preset"], {})[row["implementation"]] = row
     for preset, pair in by_preset.items():
-        if "official" in pair:
+        if "official" in pair and pair["ours"]["decode_tok_s"]:
             ours, official = pair["ours"], pair["official"]
             print(
                 f"{preset}: decode speed-up {ours['decode_tok_s'] / official['decode_tok_s']:.2f}x, "
@@ -212,6 +248,7 @@ def main():
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--live-peak", action="store_true", help="also count the exact live-tensor peak of a prefill")
     parser.add_argument("--official-python", help="interpreter with transformers 4.51.3 for the official side")
     parser.add_argument("--official-code", help="folder with the official configuration_umm.py / modeling_umm.py")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -237,11 +274,9 @@ def main():
             ):
                 if getattr(args, name) is not None:
                     command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-            env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
-            result = subprocess.run(command, capture_output=True, text=True, env=env)
-            if result.returncode:
-                sys.exit(f"{implementation} {preset} failed:\n{result.stderr[-3000:]}")
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            if args.live_peak:
+                command.append("--live-peak")
+            rows.append(child_result(command, f"{implementation} {preset}"))
     print_table(rows)
 
 

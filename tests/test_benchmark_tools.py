@@ -1,10 +1,14 @@
-"""The measuring tools of benchmarks/: exact live-tensor memory, and the per-pass decoder benchmark (our side)."""
+"""The measuring tools of benchmarks/: exact live-tensor memory, the per-pass decoder benchmark (our side) and the
+scaling table."""
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -49,3 +53,34 @@ def test_decoder_pass_benchmark_runs_our_variants():
         "ours, fused kernels + channels_last",
     }
     assert all(row["seconds"] > 0 and row["live_peak_mib"] > 0 for row in rows.values())
+
+
+def test_scaling_table_on_the_tiny_preset(tmp_path):
+    """bench_scaling.py end to end on a tiny grid: every point is a fresh child of bench_t2i / bench_understanding."""
+    out = tmp_path / "scaling.json"
+    grid = "--preset tiny --steps 2 --repeats 1 --batches 1 2 --batch-resolution 64 --sizes 64 128".split()
+    command = [sys.executable, "bench_scaling.py", *grid, "--prompt-tokens", "256", "512", "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=BENCHMARKS, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("CPU: ")  # the machine line above the tables
+    for header in ("| batch | s/image | s/call | time growth |", "| px | s/image |", "| impl | dtype | tokens |"):
+        assert header in result.stdout
+    report = json.loads(out.read_text())
+    series = {
+        ("batch", "seconds_per_call"): report["text_to_image_vs_batch"],
+        ("pixels", "seconds_per_image"): report["text_to_image_vs_resolution"],
+        ("tokens", "seconds"): report["prefill_vs_tokens"]["ours"],
+    }
+    assert [row["batch"] for row in series["batch", "seconds_per_call"]] == [1, 2]
+    assert [row["size"] for row in series["pixels", "seconds_per_image"]] == [64, 128]
+    assert [row["tokens"] for row in series["tokens", "seconds"]] == [256, 512]
+    for (size, seconds), rows in series.items():
+        assert all(row[seconds] > 0 and row["live_peak_mib"] > 0 and row["rss_peak_mib"] >= 0 for row in rows)
+        first, second = rows
+        assert first["time_growth"] is None and first["live_growth"] is None
+        expected = math.log(second[seconds] / first[seconds]) / math.log(second[size] / first[size])
+        assert math.isfinite(second["time_growth"]) and second["time_growth"] == pytest.approx(expected)
+        assert math.isfinite(second["live_growth"])
+    # The decoder projector runs on the whole batch at once, so its activations (the live peak) double with it.
+    assert report["text_to_image_vs_batch"][1]["live_growth"] == pytest.approx(1.0, abs=0.05)
