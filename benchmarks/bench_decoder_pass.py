@@ -10,7 +10,9 @@ kernels on CPUs without native bf16, so on such machines the comparison is made 
 sides share. Each side runs in its own interpreter on random weights (speed and memory do not depend on the values;
 numerical parity of the pass is what the test suite checks). Variants of ours: the default (parity kernels: SiLU as
 x*sigmoid(x), 1x1-convolution attention projections), fused kernels (`vae_unfused_kernels=False`), and fused kernels
-with channels-last activations. Prints the median seconds and the exact live-tensor peak of one pass.
+with channels-last activations, and with `--compile` that last variant under `torch.compile` (inductor with weight
+freezing, the inference setting that pre-packs convolution weights for oneDNN on a CPU; its first call, which
+compiles, is printed apart). Prints the median seconds and the exact live-tensor peak of one pass.
 """
 
 import argparse
@@ -31,7 +33,9 @@ def time_and_memory(module, latents, repeats: int) -> dict:
     import torch
 
     with torch.no_grad():
-        module(latents)  # warm-up
+        start = time.perf_counter()
+        module(latents)  # warm-up (compilation, for a compiled module)
+        first_call = time.perf_counter() - start
         seconds = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -39,7 +43,7 @@ def time_and_memory(module, latents, repeats: int) -> dict:
             seconds.append(time.perf_counter() - start)
         with LiveTensorMemory() as live:
             module(latents)
-    return {"seconds": statistics.median(seconds), "live_peak_mib": live.peak / 2**20}
+    return {"seconds": statistics.median(seconds), "live_peak_mib": live.peak / 2**20, "first_call": first_call}
 
 
 def run_ours(args) -> dict:
@@ -48,12 +52,15 @@ def run_ours(args) -> dict:
     from transformers_cheers.presets import preset_config
     from transformers_cheers.vision_tokenizer import CheersDecoderProjector
 
+    variants = [
+        ("ours, parity kernels (default)", True, False, False),
+        ("ours, fused kernels", False, False, False),
+        ("ours, fused kernels + channels_last", False, True, False),
+    ]
+    if args.compile:
+        variants.append(("ours, fused + channels_last, compiled", False, True, True))
     results = {}
-    for name, unfused, channels_last in (
-        ("ours, parity kernels (default)", True, False),
-        ("ours, fused kernels", False, False),
-        ("ours, fused kernels + channels_last", False, True),
-    ):
+    for name, unfused, channels_last, compiled in variants:
         torch.manual_seed(0)
         config = preset_config(args.preset, vae_unfused_kernels=unfused)
         module = CheersDecoderProjector(config).eval()
@@ -66,6 +73,11 @@ def run_ours(args) -> dict:
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
             latents = latents.to(memory_format=torch.channels_last)
+        if compiled:
+            import torch._inductor.config
+
+            torch._inductor.config.freezing = True  # inference only: weights become constants, pre-packed
+            module = torch.compile(module)
         results[name] = time_and_memory(module, latents, args.repeats)
     return results
 
@@ -103,6 +115,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bench-mid")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile variant (minutes to compile)")
     parser.add_argument("--official-python", help="interpreter with transformers 4.51.3 for the official side")
     parser.add_argument("--official-code", help="folder with the official configuration_umm.py / modeling_umm.py")
     parser.add_argument("--side", choices=["ours", "official"], help=argparse.SUPPRESS)
@@ -118,6 +131,8 @@ def main():
     rows = {}
     for side, python in sides:
         command = [python, __file__, f"--preset={args.preset}", f"--repeats={args.repeats}", f"--side={side}"]
+        if args.compile and side == "ours":
+            command.append("--compile")
         if args.official_code:
             command.append(f"--official-code={args.official_code}")
         result = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
@@ -127,11 +142,13 @@ def main():
     print(f"one decoder-projector pass, preset {args.preset}, fp32, batch 1, median of {args.repeats}")
     print(machine_description())
     reference = rows.get("official")
-    print(f"| {'implementation':<38} | s/pass | live peak MiB | speed vs official |")
-    print("|---|---|---|---|")
+    print(f"| {'implementation':<40} | s/pass | live peak MiB | speed vs official | first call s |")
+    print("|---|---|---|---|---|")
     for name, row in rows.items():
         ratio = f"{reference['seconds'] / row['seconds']:.2f}x" if reference else "n/a"
-        print(f"| {name:<38} | {row['seconds']:.2f} | {row['live_peak_mib']:.0f} | {ratio} |")
+        print(
+            f"| {name:<40} | {row['seconds']:.2f} | {row['live_peak_mib']:.0f} | {ratio} | {row['first_call']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

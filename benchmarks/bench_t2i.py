@@ -68,6 +68,9 @@ def run_ours(args, work: Path) -> dict:
         model=model, processor=processor, scheduler=CheersFlowMatchScheduler(time_shift=args.time_shift)
     )
     pipe.set_progress_bar_config(disable=True)
+    if args.vae_slicing:  # diffusers' autoencoder API on both decoders: one image at a time
+        model.model.vae.enable_slicing()
+        model.model.vae_decoder_projector.enable_slicing()
     grid = args.size // model.config.vision_config.patch_size
     shape = (1, model.config.latent_channels, grid, grid)
     kwargs = {
@@ -212,6 +215,9 @@ def main():
     parser.add_argument("--guidance", type=float, default=9.5)
     parser.add_argument("--time-shift", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--vae-slicing", action="store_true", help="ours: decoder projector and VAE decode one image at a time"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--official-python", help="interpreter with transformers 4.51.3 for the official side")
@@ -224,9 +230,9 @@ def main():
         return
     work = Path(tempfile.mkdtemp(prefix="bench_t2i_"))
     passed = [
-        f"--{k.replace('_', '-')}={v}"
+        f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
         for k, v in vars(args).items()
-        if v is not None and k not in ("official_python",)
+        if v is not None and v is not False and k not in ("official_python",)
     ]
     rows = {}
     sides = [("official", args.official_python or sys.executable)] if args.official_code else []
@@ -244,6 +250,7 @@ def print_report(args, rows, work: Path) -> None:
     print(
         f"preset {args.preset}, {args.size} px, {args.steps} steps, guidance {args.guidance}, {args.dtype}, "
         f"batch {args.batch} (official: 1), median of {args.repeats}"
+        + (", ours with VAE slicing" if args.vae_slicing else "")
     )
     print(machine_description())
     print(f"{'impl':<9} {'s/image':>9} {'RSS peak MiB':>13} {'live peak MiB':>14}")
