@@ -7,7 +7,9 @@
 # 1. examples/train_vae.py: a new model (tokenizer trained on the data's text, `shapes` preset), its VAE trained as an
 #    autoencoder, latent statistics, decoder projector copied from the decoder, VAE frozen;
 # 2. examples/train_lora.py --full --stage scratch: everything but the VAE and the decoder projector, on the mixed
-#    understanding / generation / editing data, with the official objective;
+#    understanding / generation / editing data, with the official objective; data-parallel over PROCESSES processes
+#    of one thread each (accelerate, gloo): on a small model a 2-thread process stalls whenever another job takes a
+#    core, while single-thread processes only share it;
 # 3. export: the final folder plus the world card (with the sampling settings the model is meant to use).
 # Sizes and steps can be overridden from the environment (e.g. SFT_STEPS=20 for a smoke run). Both training stages
 # checkpoint every few hundred steps; rerunning this script resumes a stage from its newest checkpoint.
@@ -17,12 +19,13 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RUN="${1:-runs/cheers-shapes}"
 EXPORT="${2:-$RUN/model}"
 PYTHON="${PYTHON:-python}"
-NUM_GENERATION="${NUM_GENERATION:-6000}"
-NUM_UNDERSTANDING="${NUM_UNDERSTANDING:-4000}"
-NUM_EDITING="${NUM_EDITING:-3000}"
+NUM_GENERATION="${NUM_GENERATION:-12000}"
+NUM_UNDERSTANDING="${NUM_UNDERSTANDING:-10000}"
+NUM_EDITING="${NUM_EDITING:-6000}"
 VAE_STEPS="${VAE_STEPS:-900}"
-SFT_STEPS="${SFT_STEPS:-3500}"
-SFT_BATCH="${SFT_BATCH:-16}"
+SFT_STEPS="${SFT_STEPS:-3000}"
+SFT_BATCH="${SFT_BATCH:-16}"  # per process
+PROCESSES="${PROCESSES:-2}"
 DEFAULT_SAMPLING='{"num_inference_steps": 20, "guidance_scale": 3.0}'
 SAMPLING="${SAMPLING:-$DEFAULT_SAMPLING}"
 
@@ -51,7 +54,12 @@ stage_time "stage 1 (VAE)" "$start"
 start=$SECONDS
 if [ ! -f "$RUN/sft/final/config.json" ]; then
   # shellcheck disable=SC2046
-  "$PYTHON" "$HERE/train_lora.py" --full --stage scratch --model "$RUN/vae/final" --data "$RUN/data/train.jsonl" \
+  launch=("$PYTHON")  # one process; several: accelerate's launcher (DDP over gloo, see docs/training.md)
+  if [ "$PROCESSES" -gt 1 ]; then
+    launch=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$PROCESSES" --num_machines 1
+      --mixed_precision no --dynamo_backend no)
+  fi
+  OMP_NUM_THREADS=1 "${launch[@]}" "$HERE/train_lora.py" --cpu --full --stage scratch --model "$RUN/vae/final" --data "$RUN/data/train.jsonl" \
     --output-dir "$RUN/sft" --max-steps "$SFT_STEPS" --batch-size "$SFT_BATCH" --learning-rate 1e-3 \
     --lr-scheduler cosine --warmup-ratio 0.03 --no-gradient-checkpointing --checkpoint-every 250 \
     --checkpoints-total-limit 1 --report-to none --quiet $(resume_flag "$RUN/sft")
