@@ -52,6 +52,13 @@ from transformers_cheers.lora import LORA_PRESETS, STAGES, apply_lora, set_train
 from transformers_cheers.tiny import tiny_cheers
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint-every, --checkpoints-total-limit, --resume: shared with train_vae.py."""
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps; 0 = only at the end")
+    parser.add_argument("--checkpoints-total-limit", type=int, default=None)
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="native Cheers folder; default: the tiny random model")
@@ -79,9 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=2, help="per process")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=20, help="optimizer steps")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps; 0 = only at the end")
-    parser.add_argument("--checkpoints-total-limit", type=int, default=None)
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--image-loss-weight", type=float, default=1.0, help="official: 1.0")
     parser.add_argument("--und-only", action="store_true", help="text loss only (official und_only)")
     parser.add_argument("--guidance-dropout", type=float, default=0.2, help="official cfg_data_rate")
@@ -263,17 +268,7 @@ def main(argv=None) -> list[dict]:
         accelerator.register_save_state_pre_hook(save_hook)
         accelerator.register_load_state_pre_hook(load_hook)
 
-    global_step = 0
-    if args.resume:
-        folder = Path(args.resume)
-        if args.resume == "latest":
-            folders = checkpoint_folders(output_dir)
-            if not folders:
-                raise FileNotFoundError(f"--resume latest: no checkpoint-N folder in {output_dir}")
-            folder = folders[-1]
-        accelerator.load_state(str(folder))
-        global_step = json.loads((folder / "step.json").read_text())["step"]
-        accelerator.print(f"Resumed from {folder} at step {global_step}")
+    global_step = resume_state(accelerator, output_dir, args.resume)
 
     batches_per_epoch = len(dataloader)
     steps_per_epoch = max(batches_per_epoch // args.gradient_accumulation_steps, 1)
@@ -339,6 +334,22 @@ def main(argv=None) -> list[dict]:
             processor.save_pretrained(final)
     accelerator.end_training()
     return history
+
+
+def resume_state(accelerator, output_dir: Path, resume: str | None) -> int:
+    """Load `--resume` ('latest' or a checkpoint folder) into the prepared objects; returns its step (0 without)."""
+    if not resume:
+        return 0
+    folder = Path(resume)
+    if resume == "latest":
+        folders = checkpoint_folders(output_dir)
+        if not folders:
+            raise FileNotFoundError(f"--resume latest: no checkpoint-N folder in {output_dir}")
+        folder = folders[-1]
+    accelerator.load_state(str(folder))
+    step = json.loads((folder / "step.json").read_text())["step"]
+    accelerator.print(f"Resumed from {folder} at step {step}")
+    return step
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:

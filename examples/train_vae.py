@@ -15,7 +15,6 @@ starts from the same model.
 """
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from train_lora import JsonlTracker, checkpoint_folders, save_checkpoint
+from train_lora import JsonlTracker, add_checkpoint_arguments, resume_state, save_checkpoint
 from transformers import get_scheduler
 
 from transformers_cheers import CheersForConditionalGeneration, CheersProcessor
@@ -57,9 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--foreground-weight", type=float, default=20.0, help="loss weight of pixels unlike the image's background"
     )
     parser.add_argument("--statistics-images", type=int, default=2048, help="images the latent statistics use")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps; 0 = only at the end")
-    parser.add_argument("--checkpoints-total-limit", type=int, default=None)
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -146,17 +143,7 @@ def main(argv=None) -> dict:
     )
     vae, optimizer, dataloader, scheduler = accelerator.prepare(vae, optimizer, dataloader, scheduler)
 
-    global_step = 0
-    if args.resume:
-        folder = Path(args.resume)
-        if args.resume == "latest":
-            folders = checkpoint_folders(output_dir)
-            if not folders:
-                raise FileNotFoundError(f"--resume latest: no checkpoint-N folder in {output_dir}")
-            folder = folders[-1]
-        accelerator.load_state(str(folder))
-        global_step = json.loads((folder / "step.json").read_text())["step"]
-        accelerator.print(f"Resumed from {folder} at step {global_step}")
+    global_step = resume_state(accelerator, output_dir, args.resume)
 
     accelerator.init_trackers("cheers-vae", config={key: str(value) for key, value in vars(args).items()})
     progress = tqdm(total=args.max_steps, initial=global_step, desc="vae steps", disable=args.quiet)
