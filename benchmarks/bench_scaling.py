@@ -15,8 +15,8 @@ log(cost ratio) / log(size ratio). The sizes are the batch, the pixel count (not
 so 1 means linear and 2 quadratic in every table. Text-to-image time is taken per call (seconds per image x batch),
 since that is the cost that grows with the batch.
 
-The official prefill is run in --dtype first; if its hard-coded bf16 casts reject those weights (they do in
-float32), the script says so and measures it in bfloat16, the dtype it can run.
+The official prefill runs in --dtype too: in float32 its two hard-coded bfloat16 activation casts follow the dtype
+(see `official_code.py`), since without that it cannot run in float32 at all.
 """
 
 import argparse
@@ -26,12 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_understanding import child_result, run_child
+from bench_understanding import child_result
 
 
 HERE = Path(__file__).resolve().parent
 T2I, UNDERSTANDING = HERE / "bench_t2i.py", HERE / "bench_understanding.py"
-DTYPE_MISMATCH = "must have the same dtype"  # the official forward's error when its bf16 casts meet other weights
 GROWTH_NOTE = (
     "growth: exponent k of cost ~ size^k between a row and the row above (log-log; 1 = linear, 2 = quadratic); "
     "sizes are the batch, the pixel count and the prompt tokens"
@@ -96,39 +95,21 @@ def text_to_image_series(args) -> tuple[list[dict], list[dict]]:
     return add_growth(by_batch, "batch", costs), add_growth(by_size, "pixels", costs)
 
 
-def prefill_command(args, python: str, implementation: str, tokens: int, dtype: str) -> list[str]:
+def prefill_command(args, python: str, implementation: str, tokens: int) -> list[str]:
     command = [python, str(UNDERSTANDING), "--child", args.preset, "--implementation", implementation]
-    command += ["--prompt-tokens", str(tokens), "--decode-tokens", "0", "--dtype", dtype]
+    command += ["--prompt-tokens", str(tokens), "--decode-tokens", "0", "--dtype", args.dtype]
     command += ["--repeats", str(args.repeats), "--live-peak"]
     return command + (["--official-code", args.official_code] if args.official_code else [])
 
 
-def first_official_point(args, python: str, tokens: int, notes: list[str]) -> tuple[dict, str]:
-    """(the first official point, its dtype): --dtype, or bfloat16 where the official code rejects --dtype."""
-    label = f"official prefill, {tokens} tokens"
-    result = run_child(prefill_command(args, python, "official", tokens, args.dtype))
-    if not result.returncode:
-        return json.loads(result.stdout.strip().splitlines()[-1]), args.dtype
-    if DTYPE_MISMATCH not in result.stderr or args.dtype == "bfloat16":
-        sys.exit(f"{label} failed:\n{result.stderr[-3000:]}")
-    notes.append(
-        f"The official prefill cannot run in {args.dtype}: its code casts activations to bfloat16 "
-        f"({result.stderr.strip().splitlines()[-1]}), so its rows are measured in bfloat16."
-    )
-    print(notes[-1], flush=True)
-    return child_result(prefill_command(args, python, "official", tokens, "bfloat16"), label), "bfloat16"
-
-
-def prefill_series(args, implementation: str, python: str, notes: list[str]) -> list[dict]:
-    """Rows vs prompt tokens; a line added to `notes` if they could not run in --dtype."""
-    dtype, rows = args.dtype, []
-    for tokens in args.prompt_tokens:
-        if implementation == "official" and not rows:
-            row, dtype = first_official_point(args, python, tokens, notes)
-        else:
-            command = prefill_command(args, python, implementation, tokens, dtype)
-            row = child_result(command, f"{implementation} prefill, {tokens} tokens")
-        rows.append(row)
+def prefill_series(args, implementation: str, python: str) -> list[dict]:
+    """Rows vs prompt tokens."""
+    rows = [
+        child_result(
+            prefill_command(args, python, implementation, tokens), f"{implementation} prefill, {tokens} tokens"
+        )
+        for tokens in args.prompt_tokens
+    ]
     rows = [
         {
             "implementation": implementation,
@@ -156,6 +137,14 @@ def print_tables(args, report: dict) -> None:
     print(report["machine"])
     runs = f"median of {args.repeats} after a warm-up"
     settings = f"preset {args.preset}, {args.dtype}, {args.steps} steps, guidance {args.guidance}, {runs}"
+    if "text-to-image" in args.series:
+        print_text_to_image_tables(args, report, settings)
+    if "prefill" in args.series:
+        print_prefill_table(args, report, runs)
+    print(f"\n{GROWTH_NOTE}")
+
+
+def print_text_to_image_tables(args, report: dict, settings: str) -> None:
     print(f"\nText-to-image vs batch ({args.batch_resolution} px; {settings}; ours)\n")
     header = ["batch", "s/image", "s/call", "time growth", "RSS peak MiB", "live peak MiB", "live growth"]
     rows = [
@@ -173,6 +162,9 @@ def print_tables(args, report: dict) -> None:
         for row in report["text_to_image_vs_resolution"]
     ]
     print(markdown_table(header, rows))
+
+
+def print_prefill_table(args, report: dict, runs: str) -> None:
     print(f"\nUnderstanding prefill vs prompt tokens (preset {args.preset}, one image in the prompt, {runs})\n")
     header = ["impl", "dtype", "tokens", "prefill s", "time growth", "RSS peak MiB", "live peak MiB", "live growth"]
     rows = [
@@ -183,8 +175,6 @@ def print_tables(args, report: dict) -> None:
         for row in series
     ]
     print(markdown_table(header, rows))
-    for line in [GROWTH_NOTE, *report["notes"]]:
-        print(f"\n{line}")
 
 
 def parse_args():
@@ -200,6 +190,13 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per point, after one warm-up")
     parser.add_argument("--official-python", help="interpreter with transformers 4.51.3 for the official prefill")
     parser.add_argument("--official-code", help="folder with the official configuration_umm.py / modeling_umm.py")
+    parser.add_argument(
+        "--series",
+        nargs="+",
+        choices=["text-to-image", "prefill"],
+        default=["text-to-image", "prefill"],
+        help="which tables to measure (default: both)",
+    )
     parser.add_argument("--json", type=Path, help="also write the tables, as JSON, to this file")
     args = parser.parse_args()
     for name in ("batches", "sizes", "prompt_tokens"):
@@ -215,13 +212,13 @@ def main():
     args = parse_args()
     from machine import machine_description  # imports torch: not before the arguments are checked
 
-    by_batch, by_size = text_to_image_series(args)
-    prefill, notes = {}, []
+    by_batch, by_size = text_to_image_series(args) if "text-to-image" in args.series else ([], [])
+    prefill = {}
     sides = [("ours", sys.executable)]
     if args.official_code:
         sides.append(("official", args.official_python or sys.executable))
-    for implementation, python in sides:
-        prefill[implementation] = prefill_series(args, implementation, python, notes)
+    for implementation, python in sides if "prefill" in args.series else []:
+        prefill[implementation] = prefill_series(args, implementation, python)
     report = {
         "machine": machine_description(),
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
@@ -229,7 +226,6 @@ def main():
         "text_to_image_vs_resolution": by_size,
         "prefill_vs_tokens": prefill,
         "growth": GROWTH_NOTE,
-        "notes": notes,
     }
     print_tables(args, report)
     if args.json:

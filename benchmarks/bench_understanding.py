@@ -110,25 +110,11 @@ class Official:
     """The official remote code (transformers 4.51.3) on a random model of the same preset."""
 
     def __init__(self, preset: str, dtype, code_dir: str):
-        import importlib
-        import shutil
-        import tempfile
-        import types
-
         import torch
-        import transformers.modeling_utils  # noqa: F401  (before the stubs: it probes which packages exist)
+        from official_code import import_official
         from transformers_cheers_bench_presets import official_config
 
-        for unused in ("black", "matplotlib", "matplotlib.pyplot", "torchvision", "torchvision.utils"):
-            module = types.ModuleType(unused)  # imported but never used by the official modeling file
-            module.Mode = module.grid = module.save_image = None
-            sys.modules.setdefault(unused, module)
-        package = Path(tempfile.mkdtemp()) / "official_cheers"
-        shutil.copytree(code_dir, package, ignore=shutil.ignore_patterns("*.safetensors", "*.json", "*.txt"))
-        (package / "__init__.py").write_text("")
-        sys.path.insert(0, str(package.parent))
-        configuration = importlib.import_module("official_cheers.configuration_umm")
-        modeling = importlib.import_module("official_cheers.modeling_umm")
+        configuration, modeling = import_official(code_dir, str(dtype).removeprefix("torch."))
         settings = official_config(preset)
         self.model = modeling.Cheers(configuration.UMMConfig(**settings)).to(dtype).eval()
         vision = settings["vision_representation_config"]

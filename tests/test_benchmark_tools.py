@@ -1,5 +1,5 @@
-"""The measuring tools of benchmarks/: exact live-tensor memory, the per-pass decoder benchmark (our side) and the
-scaling table."""
+"""The measuring tools of benchmarks/: exact live-tensor memory, the per-pass decoder benchmark (our side), the
+scaling table and the official-code import used by the side-by-side runs."""
 
 import json
 import math
@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 from live_memory import LiveTensorMemory  # noqa: E402
+from official_code import cast_to  # noqa: E402
 
 
 def test_live_tensor_memory_counts_the_peak_of_live_storages():
@@ -40,6 +41,23 @@ def test_views_and_in_place_results_of_earlier_tensors_are_not_allocations():
         product = torch.ones(4, 512) @ transposed  # 8 KiB of input and 8 KiB of result
     assert memory.peak == 2 * 4 * 512 * 4
     del transposed, product
+
+
+def test_the_official_bf16_casts_follow_the_benchmark_dtype_and_nothing_else_changes():
+    source = (
+        "def forward(self, x):\n    x = x.to(torch.bfloat16)\n    return self.layernorm(x)\n"
+        "def get_image_features(self, xt):\n    xt = xt.to(torch.bfloat16)\n    dtype = torch.bfloat16\n"
+    )
+    rewritten = cast_to(source, "float32")
+    assert rewritten.count(".to(torch.float32)") == 2
+    assert ".to(torch.bfloat16)" not in rewritten
+    assert "dtype = torch.bfloat16" in rewritten  # only the activation casts change
+    assert rewritten.replace(".to(torch.float32)", ".to(torch.bfloat16)") == source
+
+
+def test_another_version_of_the_official_code_is_refused_by_name():
+    with pytest.raises(RuntimeError, match="Expected 2 hard-coded .* found 1: this is a different version"):
+        cast_to("x = x.to(torch.bfloat16)\n", "float32")
 
 
 def test_decoder_pass_benchmark_runs_our_variants():
