@@ -6,12 +6,13 @@
 Text-to-image spends most of its time in this pass (the vision tokenizer runs it on x_t at every step, and the final
 decode is the same decoder), so this isolates the module both sides share, in fp32 (on CPUs without native bf16 the
 official bf16 convolutions run through PyTorch's slow reference kernels; `bench_t2i.py` gives the end-to-end ratio,
-with the official file's bf16 casts following fp32 as `official_code.py` explains). Each side runs in its own interpreter on random weights (speed and memory do not depend on the values;
-numerical parity of the pass is what the test suite checks). Variants of ours: the default (parity kernels: SiLU as
-x*sigmoid(x), 1x1-convolution attention projections), fused kernels (`vae_unfused_kernels=False`), and fused kernels
-with channels-last activations, and with `--compile` that last variant under `torch.compile` (inductor with weight
-freezing, the inference setting that pre-packs convolution weights for oneDNN on a CPU; its first call, which
-compiles, is printed apart). Prints the median seconds and the exact live-tensor peak of one pass.
+with the official file's bf16 casts following fp32 as `official_code.py` explains). Each side runs in its own
+interpreter on random weights (speed and memory do not depend on the values; numerical parity of the pass is what the
+test suite checks). Variants of ours: the default (parity kernels: SiLU as x*sigmoid(x), 1x1-convolution attention
+projections), fused kernels (`vae_unfused_kernels=False`), and fused kernels with channels-last activations, and with
+`--compile` that last variant under `torch.compile` (inductor with weight freezing, the inference setting that
+pre-packs convolution weights for oneDNN on a CPU; its first call, which compiles, is printed apart). Prints the median
+seconds and the exact live-tensor peak of one pass.
 """
 
 import argparse
