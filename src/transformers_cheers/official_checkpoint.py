@@ -1,8 +1,9 @@
 """Reading checkpoints in the official Cheers layout (model_type "umm", remote code pinned to transformers 4.51).
 
-One table (`NAME_RULES`, refined by `HEAD_RULES` and `VAE_BLOCK_RULES`) maps every official tensor name to ours (or
-drops it). ONE reader uses it: `convert_official_folder`, behind both the converter (`conversion/convert_cheers_to_hf.py`)
-and `load_official_checkpoint`. The way back (`native_to_official_state_dict`, `official_config`) writes a native model in
+One table of name templates (`KEY_PREFIXES`, refined by `HEAD_RENAMES` and `VAE_BLOCK_RENAMES`), read in both
+directions, maps every official tensor name to ours; `DROPPED_TENSORS` lists the ones dropped on purpose. ONE reader
+uses it: `convert_official_folder`, behind both the converter (`conversion/convert_cheers_to_hf.py`) and
+`load_official_checkpoint`. The way back (`native_to_official_state_dict`, `official_config`) writes a native model in
 the official layout; the tests use it to build official checkpoints with configurations the golden one does not have.
 """
 
@@ -24,54 +25,60 @@ from .configuration_cheers import CheersConfig
 logger = logging.get_logger(__name__)
 
 
-# One table in two parts. NAME_RULES: the first matching (regex, replacement) renames the whole key; None drops the
-# tensor. VAE_BLOCK_RULES then rename the inside of both VAE decoders/encoders (BFL names -> diffusers names).
-# `<REVERSED:N>` becomes `levels - 1 - N`: BFL numbers the decoder's up levels from the output side, diffusers from
-# the input side. Every None rule has its reason in DROPPED_TENSORS.
-NAME_RULES: list[tuple[str, str | None]] = [
+# One table, read in both directions: (official, native) name templates. KEY_PREFIXES: the first prefix that matches
+# renames the start of the whole key. HEAD_RENAMES (inside both flow heads) and VAE_BLOCK_RENAMES (inside both VAE
+# decoders and the encoder: BFL names <-> diffusers names) then rename every part that matches, in order. In a
+# template, `{i}`/`{j}` stand for a number kept as is, `{level}` for a decoder level, which BFL numbers from the output
+# side and diffusers from the input side (`levels - 1 - N`, its own inverse), `{proj}` for q, k or v. Official
+# tensors without a native counterpart are not in the table: DROPPED_TENSORS lists them with the reason.
+KEY_PREFIXES: list[tuple[str, str]] = [
     # LLM and vision tower: the reused transformers classes already use the official names.
-    (r"^lm_head\.weight$", None),  # tied to the token embedding; checked equal before it is dropped
-    (r"^model\.vision_representation\.head\..*", None),  # SigLIP pooling head: computed, never used officially
-    (r"^model\.(language_model|vision_representation)\.", r"model.\1."),
+    ("model.language_model.", "model.language_model."),
+    ("model.vision_representation.", "model.vision_representation."),
     # Token merger + MLP ("und_projector").
-    (r"^model\.und_projector\.layernorm\.", "model.multi_modal_projector.layer_norm."),
-    (r"^model\.und_projector\.mlp\.0\.", "model.multi_modal_projector.linear_1."),
-    (r"^model\.und_projector\.mlp\.2\.", "model.multi_modal_projector.linear_2."),
+    ("model.und_projector.layernorm.", "model.multi_modal_projector.layer_norm."),
+    ("model.und_projector.mlp.0.", "model.multi_modal_projector.linear_1."),
+    ("model.und_projector.mlp.2.", "model.multi_modal_projector.linear_2."),
     # Time embedder: mlp_1 conditions the semantic head, mlp_2 the detail head.
-    (r"^model\.time_embed\.mlp_1\.", "model.time_embedder.semantic_mlp."),
-    (r"^model\.time_embed\.mlp_2\.", "model.time_embedder.detail_mlp."),
+    ("model.time_embed.mlp_1.", "model.time_embedder.semantic_mlp."),
+    ("model.time_embed.mlp_2.", "model.time_embedder.detail_mlp."),
     # Flow-matching heads: gen_projector = semantic head, hi_gate = detail gate, hi_projector = detail head.
-    (r"^model\.hi_gate\.", "model.detail_gate."),
-    (r"^model\.gen_projector\.", "model.semantic_head."),
-    (r"^model\.hi_projector\.", "model.detail_head."),
+    ("model.hi_gate.", "model.detail_gate."),
+    ("model.gen_projector.", "model.semantic_head."),
+    ("model.hi_projector.", "model.detail_head."),
     # FLUX.2 VAE -> diffusers AutoencoderKLFlux2: the 1x1 convs around the latent live at the top level there.
-    (r"^model\.vae_model\.encoder\.quant_conv\.", "model.vae.quant_conv."),
-    (r"^model\.vae_model\.decoder\.post_quant_conv\.", "model.vae.post_quant_conv."),
-    (r"^model\.vae_model\.", "model.vae."),
-    (r"^model\.vae_decoder_projector\.decoder\.post_quant_conv\.", "model.vae_decoder_projector.post_quant_conv."),
-    (r"^model\.vae_decoder_projector\.", "model.vae_decoder_projector."),
+    ("model.vae_model.encoder.quant_conv.", "model.vae.quant_conv."),
+    ("model.vae_model.decoder.post_quant_conv.", "model.vae.post_quant_conv."),
+    ("model.vae_model.", "model.vae."),
+    ("model.vae_decoder_projector.decoder.post_quant_conv.", "model.vae_decoder_projector.post_quant_conv."),
+    ("model.vae_decoder_projector.", "model.vae_decoder_projector."),
 ]
-HEAD_RULES: list[tuple[str, str]] = [
-    (r"\.diffusion_head_a\.(\d+)\.adaLN_modulation\.1\.", r".blocks.\1.modulation."),
-    (r"\.diffusion_head_a\.(\d+)\.attn\.", r".blocks.\1.self_attn."),
-    (r"\.diffusion_head_a\.", ".blocks."),
-    (r"\.diffusion_head_b\.adaLN_modulation\.1\.", ".final_layer.modulation."),
-    (r"\.diffusion_head_b\.norm_final\.", ".final_layer.norm."),
-    (r"\.diffusion_head_b\.linear\.", ".final_layer.proj_out."),
+HEAD_RENAMES: list[tuple[str, str]] = [
+    (".diffusion_head_a.{i}.adaLN_modulation.1.", ".blocks.{i}.modulation."),
+    (".diffusion_head_a.{i}.attn.", ".blocks.{i}.self_attn."),
+    (".diffusion_head_a.", ".blocks."),
+    (".diffusion_head_b.adaLN_modulation.1.", ".final_layer.modulation."),
+    (".diffusion_head_b.norm_final.", ".final_layer.norm."),
+    (".diffusion_head_b.linear.", ".final_layer.proj_out."),
 ]
-VAE_BLOCK_RULES: list[tuple[str, str]] = [
-    (r"\.norm_out\.", ".conv_norm_out."),
-    (r"\.encoder\.down\.(\d+)\.block\.(\d+)\.", r".encoder.down_blocks.\1.resnets.\2."),
-    (r"\.encoder\.down\.(\d+)\.downsample\.conv\.", r".encoder.down_blocks.\1.downsamplers.0.conv."),
-    (r"\.decoder\.up\.(\d+)\.block\.(\d+)\.", r".decoder.up_blocks.<REVERSED:\1>.resnets.\2."),
-    (r"\.decoder\.up\.(\d+)\.upsample\.conv\.", r".decoder.up_blocks.<REVERSED:\1>.upsamplers.0.conv."),
-    (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
-    (r"\.mid\.block_2\.", ".mid_block.resnets.1."),
-    (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
-    (r"\.mid\.attn_1\.(q|k|v)\.", r".mid_block.attentions.0.to_\1."),
-    (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
-    (r"\.nin_shortcut\.", ".conv_shortcut."),
+VAE_BLOCK_RENAMES: list[tuple[str, str]] = [
+    (".norm_out.", ".conv_norm_out."),
+    (".encoder.down.{i}.block.{j}.", ".encoder.down_blocks.{i}.resnets.{j}."),
+    (".encoder.down.{i}.downsample.conv.", ".encoder.down_blocks.{i}.downsamplers.0.conv."),
+    (".decoder.up.{level}.block.{j}.", ".decoder.up_blocks.{level}.resnets.{j}."),
+    (".decoder.up.{level}.upsample.conv.", ".decoder.up_blocks.{level}.upsamplers.0.conv."),
+    (".mid.block_1.", ".mid_block.resnets.0."),
+    (".mid.block_2.", ".mid_block.resnets.1."),
+    (".mid.attn_1.norm.", ".mid_block.attentions.0.group_norm."),
+    (".mid.attn_1.{proj}.", ".mid_block.attentions.0.to_{proj}."),
+    (".mid.attn_1.proj_out.", ".mid_block.attentions.0.to_out.0."),
+    (".nin_shortcut.", ".conv_shortcut."),
 ]
+# Which inner table applies, by the key's (official, native) prefix after KEY_PREFIXES.
+HEAD_PREFIXES = (("model.gen_projector.", "model.hi_projector."), ("model.semantic_head.", "model.detail_head."))
+VAE_PREFIXES = (("model.vae_model.", "model.vae_decoder_projector."), ("model.vae.", "model.vae_decoder_projector."))
+_PLACEHOLDERS = {"i": r"\d+", "j": r"\d+", "level": r"\d+", "proj": "q|k|v"}
+OFFICIAL, NATIVE = 0, 1  # which side of a template pair a name is written in
 
 # Official remote-code class defaults for fields its config.json leaves out (configuration_umm.py).
 OFFICIAL_TEXT_DEFAULTS = {
@@ -126,22 +133,50 @@ class OfficialCheckpointError(ValueError):
     """The folder is not a complete, readable official Cheers checkpoint."""
 
 
+def template_pattern(template: str) -> re.Pattern:
+    """A name template as a regex: its text literally, each `{name}` as a named group."""
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile(
+        "".join(
+            f"(?P<{part}>{_PLACEHOLDERS[part]})" if index % 2 else re.escape(part) for index, part in enumerate(parts)
+        )
+    )
+
+
+def fill_template(template: str, match: re.Match, num_up_blocks: int) -> str:
+    values = dict(match.groupdict())
+    if "level" in values:
+        values["level"] = str(num_up_blocks - 1 - int(values["level"]))
+    return template.format(**values)
+
+
+def rename_key(key: str, source: int, num_up_blocks: int) -> str | None:
+    """`key` written on side `source` (OFFICIAL or NATIVE) renamed to the other side; None if no prefix matches."""
+    target = 1 - source
+    prefix = next((pair for pair in KEY_PREFIXES if key.startswith(pair[source])), None)
+    if prefix is None:
+        return None
+    new_key = prefix[target] + key[len(prefix[source]) :]
+    inner = []
+    if new_key.startswith(HEAD_PREFIXES[target]):
+        inner = HEAD_RENAMES
+    elif new_key.startswith(VAE_PREFIXES[target]):
+        inner = VAE_BLOCK_RENAMES
+    for pair in inner:
+        new_key = template_pattern(pair[source]).sub(
+            lambda match: fill_template(pair[target], match, num_up_blocks), new_key
+        )
+    return new_key
+
+
 def convert_official_key(key: str, num_up_blocks: int) -> str | None:
     """Native name of an official tensor, or None when the tensor is deliberately dropped (see DROPPED_TENSORS)."""
-    for pattern, replacement in NAME_RULES:
-        if re.search(pattern, key):
-            break
-    else:
-        raise OfficialCheckpointError(f"Unexpected tensor {key!r}: not part of the official Cheers layout.")
-    if replacement is None:
+    if any(re.search(pattern, key) for pattern in DROPPED_TENSORS):
         return None
-    new_key = re.sub(pattern, replacement, key)
-    inner_rules = HEAD_RULES if new_key.startswith(("model.semantic_head.", "model.detail_head.")) else []
-    if new_key.startswith(("model.vae.", "model.vae_decoder_projector.")):
-        inner_rules = VAE_BLOCK_RULES
-    for pattern, replacement in inner_rules:
-        new_key = re.sub(pattern, replacement, new_key)
-    return re.sub(r"<REVERSED:(\d+)>", lambda m: str(num_up_blocks - 1 - int(m.group(1))), new_key)
+    new_key = rename_key(key, OFFICIAL, num_up_blocks)
+    if new_key is None:
+        raise OfficialCheckpointError(f"Unexpected tensor {key!r}: not part of the official Cheers layout.")
+    return new_key
 
 
 def drop_reason(key: str) -> str:
@@ -156,64 +191,18 @@ def convert_official_tensor(new_key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-# The way back: NAME_RULES, HEAD_RULES and VAE_BLOCK_RULES inverted, rule for rule (native pattern -> official name).
-# `<REVERSED:N>` is its own inverse. The two dropped kinds: lm_head is written back as a copy of the embedding (the
+# The way back reads the same tables. The two dropped kinds: lm_head is written back as a copy of the embedding (the
 # official file stores it); the SigLIP pooling head does not exist natively, so it is left out (the official code
 # builds it but never uses it).
-NATIVE_NAME_RULES: list[tuple[str, str]] = [
-    (r"^model\.(language_model|vision_representation)\.", r"model.\1."),
-    (r"^model\.multi_modal_projector\.layer_norm\.", "model.und_projector.layernorm."),
-    (r"^model\.multi_modal_projector\.linear_1\.", "model.und_projector.mlp.0."),
-    (r"^model\.multi_modal_projector\.linear_2\.", "model.und_projector.mlp.2."),
-    (r"^model\.time_embedder\.semantic_mlp\.", "model.time_embed.mlp_1."),
-    (r"^model\.time_embedder\.detail_mlp\.", "model.time_embed.mlp_2."),
-    (r"^model\.detail_gate\.", "model.hi_gate."),
-    (r"^model\.semantic_head\.", "model.gen_projector."),
-    (r"^model\.detail_head\.", "model.hi_projector."),
-    (r"^model\.vae\.quant_conv\.", "model.vae_model.encoder.quant_conv."),
-    (r"^model\.vae\.post_quant_conv\.", "model.vae_model.decoder.post_quant_conv."),
-    (r"^model\.vae\.", "model.vae_model."),
-    (r"^model\.vae_decoder_projector\.post_quant_conv\.", "model.vae_decoder_projector.decoder.post_quant_conv."),
-    (r"^model\.vae_decoder_projector\.", "model.vae_decoder_projector."),
-]
-NATIVE_HEAD_RULES: list[tuple[str, str]] = [
-    (r"\.blocks\.(\d+)\.modulation\.", r".diffusion_head_a.\1.adaLN_modulation.1."),
-    (r"\.blocks\.(\d+)\.self_attn\.", r".diffusion_head_a.\1.attn."),
-    (r"\.blocks\.", ".diffusion_head_a."),
-    (r"\.final_layer\.modulation\.", ".diffusion_head_b.adaLN_modulation.1."),
-    (r"\.final_layer\.norm\.", ".diffusion_head_b.norm_final."),
-    (r"\.final_layer\.proj_out\.", ".diffusion_head_b.linear."),
-]
-NATIVE_VAE_BLOCK_RULES: list[tuple[str, str]] = [
-    (r"\.conv_norm_out\.", ".norm_out."),
-    (r"\.encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r".encoder.down.\1.block.\2."),
-    (r"\.encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r".encoder.down.\1.downsample.conv."),
-    (r"\.decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r".decoder.up.<REVERSED:\1>.block.\2."),
-    (r"\.decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", r".decoder.up.<REVERSED:\1>.upsample.conv."),
-    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
-    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
-    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
-    (r"\.mid_block\.attentions\.0\.to_(q|k|v)\.", r".mid.attn_1.\1."),
-    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
-    (r"\.conv_shortcut\.", ".nin_shortcut."),
-]
 _OFFICIAL_CONV_ATTENTION = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
 
 
 def native_to_official_key(key: str, num_up_blocks: int) -> str:
     """Official name of a native tensor (inverse of `convert_official_key` for every tensor it keeps)."""
-    for pattern, replacement in NATIVE_NAME_RULES:
-        if re.search(pattern, key):
-            break
-    else:
+    new_key = rename_key(key, NATIVE, num_up_blocks)
+    if new_key is None:
         raise OfficialCheckpointError(f"Native tensor {key!r} has no official name.")
-    new_key = re.sub(pattern, replacement, key)
-    inner_rules = NATIVE_HEAD_RULES if new_key.startswith(("model.gen_projector.", "model.hi_projector.")) else []
-    if new_key.startswith(("model.vae_model.", "model.vae_decoder_projector.")):
-        inner_rules = NATIVE_VAE_BLOCK_RULES
-    for pattern, replacement in inner_rules:
-        new_key = re.sub(pattern, replacement, new_key)
-    return re.sub(r"<REVERSED:(\d+)>", lambda m: str(num_up_blocks - 1 - int(m.group(1))), new_key)
+    return new_key
 
 
 def native_to_official_state_dict(
