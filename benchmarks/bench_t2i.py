@@ -37,6 +37,7 @@ from machine import machine_description
 PROMPT = "A red apple on a wooden table."
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden" / "checkpoint"
 FAST = "ours-fast"  # the row of --fast-decoders
+FAST_DESCRIPTION = "fused kernels (no bf16 parity), channels-last and torch.compile on both VAE decoders"
 
 
 def draw_official_noise(shape, dtype, guided: bool):
@@ -226,8 +227,7 @@ def main():
     parser.add_argument(
         "--fast-decoders",
         action="store_true",
-        help="also a row of ours with fused kernels (no bf16 parity), channels-last and torch.compile on both VAE "
-        "decoders",
+        help=f"also a row of ours with {FAST_DESCRIPTION}",
     )
     parser.add_argument(
         "--vae-slicing", action="store_true", help="ours: decoder projector and VAE decode one image at a time"
@@ -273,7 +273,7 @@ def print_report(args, rows, work: Path) -> None:
     for name, row in rows.items():
         print(f"{name:<10} {row['seconds_per_image']:>9.2f} {row['peak_mib']:>13.1f} {row['live_peak_mib']:>14.1f}")
     if FAST in rows:
-        print(f"{FAST}: fused kernels (no bf16 parity), channels-last and torch.compile on both VAE decoders")
+        print(f"{FAST}: {FAST_DESCRIPTION}")
     if "official" in rows:
         import torch
 

@@ -54,12 +54,12 @@ stage_time "stage 1 (VAE)" "$start"
 start=$SECONDS
 if [ ! -f "$RUN/sft/final/config.json" ]; then
   # shellcheck disable=SC2046
-  launch=("$PYTHON")  # one process; several: accelerate's launcher (DDP over gloo, see docs/training.md)
+  launch=("$PYTHON")  # one process (all cores); several: accelerate's launcher (DDP over gloo, see docs/training.md)
   if [ "$PROCESSES" -gt 1 ]; then
-    launch=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$PROCESSES" --num_machines 1
-      --mixed_precision no --dynamo_backend no)
+    launch=(env OMP_NUM_THREADS=1 "$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$PROCESSES"
+      --num_machines 1 --mixed_precision no --dynamo_backend no)
   fi
-  OMP_NUM_THREADS=1 "${launch[@]}" "$HERE/train_lora.py" --cpu --full --stage scratch --model "$RUN/vae/final" --data "$RUN/data/train.jsonl" \
+  "${launch[@]}" "$HERE/train_lora.py" --cpu --full --stage scratch --model "$RUN/vae/final" --data "$RUN/data/train.jsonl" \
     --output-dir "$RUN/sft" --max-steps "$SFT_STEPS" --batch-size "$SFT_BATCH" --learning-rate 1e-3 \
     --lr-scheduler cosine --warmup-ratio 0.03 --no-gradient-checkpointing --checkpoint-every 250 \
     --checkpoints-total-limit 1 --report-to none --quiet $(resume_flag "$RUN/sft")
