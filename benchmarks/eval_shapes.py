@@ -215,8 +215,12 @@ def save_grid(requests: list[tuple], images: list[PIL.Image.Image], path: Path) 
 
 def print_table(rows: list[tuple[str, str, Tally]]) -> None:
     header = ("task", "subset", "n", "colour %", "shape %", "position %", "all %")
-    lines = [header] + [(task, subset, str(tally.total), *tally.cells()) for task, subset, tally in rows]
-    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    print_markdown_table([header] + [(task, subset, str(tally.total), *tally.cells()) for task, subset, tally in rows])
+
+
+def print_markdown_table(lines: list[tuple[str, ...]]) -> None:
+    """The first line is the header; columns padded to their widest cell."""
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
     for number, line in enumerate(lines):
         print("| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |")
         if number == 0:

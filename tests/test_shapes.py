@@ -4,12 +4,14 @@ reader is exact enough to judge a model, and the evaluator refuses other models 
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from conftest import load_script
 
 from transformers_cheers import shapes
@@ -335,3 +337,58 @@ def test_evaluator_scores_a_model_that_draws_exactly_what_it_is_asked(eval_shape
     editing = eval_shapes.evaluate_editing(draw_what_is_asked, 30, 1, 1.0, None, 0, 8)
     assert sum(tally.total for tally in editing.values()) == 30
     assert all(tally.cells() == ["100.0"] * 4 for tally in editing.values() if tally.total)
+
+
+# ---- the diagnosis (benchmarks/diagnose_shapes.py) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def diagnose_shapes():
+    sys.path.insert(0, str(EVAL_SCRIPT.parent))  # it imports eval_shapes as its sibling
+    try:
+        return load_script(EVAL_SCRIPT.parent / "diagnose_shapes.py")
+    finally:
+        sys.path.remove(str(EVAL_SCRIPT.parent))
+
+
+def test_held_out_r2_tells_a_visible_signal_from_an_invisible_one(diagnose_shapes):
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(4000, 6, generator=generator)
+    visible = features @ torch.randn(6, 1, generator=generator) + 0.5  # a linear function of the features
+    invisible = torch.randn(4000, 1, generator=generator)  # independent of them
+    r2 = diagnose_shapes.held_out_r2(features, torch.cat([visible, invisible], dim=1))
+    assert r2[0] > 0.999 and abs(r2[1]) < 0.01
+
+
+def test_latent_channel_variances_group_the_patchified_entries(diagnose_shapes):
+    model, _ = tiny_cheers()
+    channels, entries = model.config.vae_config["latent_channels"], 4  # 2x2 patchify
+    model.model.vae.bn.running_var.copy_(torch.arange(channels).repeat_interleave(entries).float())
+    assert diagnose_shapes.latent_channel_variances(model) == [float(c) for c in range(channels)]
+
+
+def test_diagnosis_runs_end_to_end_and_refuses_other_folders(tmp_path, diagnose_shapes, monkeypatch, capsys):
+    model, processor = tiny_cheers()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    monkeypatch.setattr("sys.argv", ["diagnose_shapes.py", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        diagnose_shapes.main()
+    assert "is not a Cheers-Shapes model" in capsys.readouterr().err
+
+    shapes.write_world_card(tmp_path)
+    arguments = ["--times", "0", "0.5", "--guidance", "1", "2", "--num-noise", "8", "--per-caption", "2"]
+    monkeypatch.setattr("sys.argv", ["diagnose_shapes.py", str(tmp_path), *arguments])
+    diagnose_shapes.main()
+    channels_part, denoiser_part = capsys.readouterr().out.split("3. the denoiser along t")
+    channel_rows = [line for line in channels_part.splitlines() if line[:3] in {f"| {c}" for c in range(10)}]
+    assert len(channel_rows) == model.config.vae_config["latent_channels"]
+    assert "floor of the velocity MSE at t = 0: " in denoiser_part
+    rows = [line.split("|")[1:3] for line in denoiser_part.splitlines() if line[:3] in ("| 1", "| 2")]
+    expected = [("1", "0"), ("1", "0.5"), ("2", "0"), ("2", "0.5")]  # (guidance, t)
+    assert [(guidance.strip(), t.strip()) for guidance, t in rows] == expected
+
+    monkeypatch.setattr("sys.argv", ["diagnose_shapes.py", str(tmp_path), "--times", "1"])
+    with pytest.raises(SystemExit):
+        diagnose_shapes.main()
+    assert "--times must lie in [0, 1)" in capsys.readouterr().err

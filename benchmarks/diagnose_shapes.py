@@ -1,0 +1,166 @@
+"""Why does a Cheers-Shapes model draw what it draws? Three measurements behind the diagnosis in docs/shapes.md.
+
+    python benchmarks/diagnose_shapes.py examples/cheers-shapes
+    python benchmarks/diagnose_shapes.py MODEL_DIR --times 0.02 0.1 0.3 0.5 0.9 --guidance 1 3 --num-noise 600
+
+1. Latent channels: the variance of each VAE latent channel over the data (the BatchNorm statistics, before
+   normalisation). The decoder projector sees x_t de-normalised, i.e. scaled by that channel's standard deviation,
+   so a channel the VAE left unused (variance ~0) carries its noise, and with it a part of the velocity target,
+   unseen.
+2. Visibility of x_t: the sampler's network sees x_t only through the decoder projector and SigLIP. On pure-noise
+   latents (t = 0), a least-squares fit (half the tokens to fit, half to score) from each token's decoded pixel patch,
+   and from its SigLIP patch embedding (what the detail gate adds), back to its latent values: R^2 per latent
+   channel. The velocity at small t is mostly -x0, so what is not visible here cannot be predicted.
+3. The denoiser along t: fresh drawings of every seen (colour, shape, position), encoded, noised to t with fixed
+   noise, one network evaluation with their caption: the velocity MSE against the target x1 - x0, and the reader's
+   accuracy on the one-step estimate x1_hat = x_t + (1 - t) v (decoded). Beside it, the floor at t = 0: the mean
+   variance of the latents of one caption's drawings, the least MSE any model can reach there (v = E[x1 | caption]
+   - x0, with x0 = x_t known).
+"""
+
+import argparse
+import itertools
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from eval_shapes import cpu_line, load, print_markdown_table
+from transformers.utils import logging
+
+from transformers_cheers import shapes
+
+
+def latent_channel_variances(model) -> list[float]:
+    """Variance of each VAE latent channel over the data (the patchified BatchNorm entries of a channel, averaged)."""
+    patch = model.config.vae_config["patch_size"]
+    per_entry = model.model.vae.bn.running_var.float().view(-1, patch[0] * patch[1])
+    return per_entry.mean(dim=1).tolist()
+
+
+def held_out_r2(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """R^2 of each target column, from a least-squares fit (with bias) on the first half, scored on the second."""
+    features = torch.cat([features, torch.ones(len(features), 1)], dim=1).double()
+    targets = targets.double()
+    half = len(features) // 2
+    weights = torch.linalg.lstsq(features[:half], targets[:half]).solution
+    residual = targets[half:] - features[half:] @ weights
+    return 1 - residual.var(dim=0) / targets[half:].var(dim=0)
+
+
+@torch.no_grad()
+def noise_visibility(model, num_images: int, seed: int) -> dict[str, list[float]]:
+    """R^2 per latent channel of pure-noise latents, from the decoded pixel patch and from the patch embedding."""
+    config = model.config
+    patch = config.vision_config.patch_size
+    grid = config.vision_config.image_size // patch
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(num_images, config.latent_channels, grid, grid, generator=generator)
+    tokens = model.model.get_latent_features(noise.to(model.dtype), return_dict=True)
+    targets = noise.flatten(2).transpose(1, 2).reshape(-1, config.latent_channels)
+    pixel_patches = F.unfold(tokens.decoded_pixels.float(), patch, stride=patch).transpose(1, 2)
+    sources = {
+        "decoded pixel patch": pixel_patches.reshape(len(targets), -1),
+        "SigLIP patch embedding": tokens.patch_embeddings.float().reshape(len(targets), -1),
+    }
+    entries = config.vae_config["patch_size"][0] * config.vae_config["patch_size"][1]
+    return {
+        name: held_out_r2(features, targets).view(-1, entries).mean(dim=1).tolist()
+        for name, features in sources.items()
+    }
+
+
+def seen_scenes(seed: int, per_combination: int = 1) -> list[shapes.Scene]:
+    rng = random.Random(f"diagnose_shapes/{seed}")
+    scenes = []
+    for colour, shape, position in itertools.product(shapes.COLOURS, shapes.SHAPES, shapes.POSITIONS):
+        if not shapes.is_held_out(colour, shape):
+            scenes += [shapes.sample_scene(rng, colour, shape, position) for _ in range(per_combination)]
+    return scenes
+
+
+@torch.no_grad()
+def encode(pipe, scenes: list[shapes.Scene]) -> torch.Tensor:
+    pixels = pipe.processor.image_processor([shapes.draw_scene(scene) for scene in scenes])["pixel_values"]
+    return pipe.model.model.encode_latents(pixels.to(pipe.model.dtype)).float()
+
+
+@torch.no_grad()
+def caption_floor(pipe, seed: int, per_caption: int) -> float:
+    """Mean over captions of the latents' variance across drawings of that caption: the least MSE at t = 0."""
+    scenes = seen_scenes(seed + 1, per_caption)
+    latents = encode(pipe, scenes)
+    latents = latents.view(-1, per_caption, *latents.shape[1:])
+    return float(latents.var(dim=1).mean())
+
+
+@torch.no_grad()
+def denoiser_by_time(pipe, scenes, times, guidance: float, seed: int) -> list[tuple[str, dict]]:
+    """Velocity MSE and the reader's accuracy on x1_hat, per t, for the scenes' own captions."""
+    core = pipe.model.model
+    clean = encode(pipe, scenes)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+    captions = [shapes.caption(scene.colour, scene.shape, scene.position) for scene in scenes]
+    cache, mask, branches = pipe.encode_prompt(captions, do_classifier_free_guidance=guidance != 1.0)
+    rows = []
+    for t in times:
+        noisy = t * clean + (1 - t) * noise
+        velocity = core.compute_velocity(noisy.to(pipe.model.dtype), t, cache, mask, branches).velocity.float()
+        if branches == 2:
+            conditional, unconditional = velocity.chunk(2)
+            velocity = unconditional + guidance * (conditional - unconditional)
+        estimate = noisy + (1 - t) * velocity
+        images = pipe.processor.postprocess(core.decode_latents(estimate.to(pipe.model.dtype)), output_type="pil")
+        reads = [shapes.read_scene(image) for image in images]
+        row = {"velocity MSE": float(((velocity - (clean - noise)) ** 2).mean())}
+        for index, field in enumerate(("colour", "shape", "position")):
+            correct = sum(read[index] == getattr(scene, field) for read, scene in zip(reads, scenes))
+            row[field] = 100.0 * correct / len(scenes)
+        rows.append((f"{t:g}", row))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a Cheers-Shapes model folder (with cheers_shapes.json)")
+    parser.add_argument("--times", type=float, nargs="+", default=[0.02, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0], help="guidance scales of the x1_hat rows")
+    parser.add_argument("--num-noise", type=int, default=600, help="pure-noise latents for the visibility fit")
+    parser.add_argument("--per-caption", type=int, default=20, help="drawings per caption for the t = 0 floor")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.disable_progress_bar()
+    if any(not 0 <= t < 1 for t in args.times):
+        parser.error(f"--times must lie in [0, 1) (t = 1 is the clean image), got {args.times}.")
+    if args.num_noise < 2 or args.per_caption < 2:
+        parser.error("--num-noise and --per-caption must be at least 2 (a fit and a variance need two samples).")
+    try:
+        pipe, card = load(Path(args.model), "float32")
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    model = pipe.model
+    print(f"Cheers-Shapes diagnosis of {args.model} ({card['world']} v{card['version']}), seed {args.seed}")
+    print(cpu_line())
+
+    variances = latent_channel_variances(model)
+    visibility = noise_visibility(model, args.num_noise, args.seed)
+    print("\n1-2. latent channels: data variance, and R^2 of pure noise recovered from what the network sees\n")
+    header = ("latent channel", "data variance", *(f"R^2 from {name}" for name in visibility))
+    lines = [header]
+    for channel, variance in enumerate(variances):
+        lines.append((str(channel), f"{variance:.4f}", *(f"{values[channel]:.2f}" for values in visibility.values())))
+    print_markdown_table(lines)
+
+    scenes = seen_scenes(args.seed)
+    floor = caption_floor(pipe, args.seed, args.per_caption)
+    print(f"\n3. the denoiser along t ({len(scenes)} seen scenes; floor of the velocity MSE at t = 0: {floor:.3f})\n")
+    lines = [("guidance", "t", "velocity MSE", "x1_hat colour %", "x1_hat shape %", "x1_hat position %")]
+    for guidance in args.guidance:
+        for t, row in denoiser_by_time(pipe, scenes, args.times, guidance, args.seed):
+            lines.append((f"{guidance:g}", t, f"{row['velocity MSE']:.3f}",
+                          *(f"{row[field]:.1f}" for field in ("colour", "shape", "position"))))  # fmt: skip
+    print_markdown_table(lines)
+
+
+if __name__ == "__main__":
+    main()
