@@ -90,6 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-loss-weight", type=float, default=1.0, help="official: 1.0")
     parser.add_argument("--und-only", action="store_true", help="text loss only (official und_only)")
     parser.add_argument("--guidance-dropout", type=float, default=0.2, help="official cfg_data_rate")
+    parser.add_argument(
+        "--timestep-shift",
+        type=float,
+        default=None,
+        help="draw t on the sampler's shifted grid (e.g. 0.5) instead of uniformly (official)",
+    )
     parser.add_argument("--resolution", type=int, default=None, help="image side; default: the processor's")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -223,6 +229,7 @@ def main(argv=None) -> list[dict]:
         config=model.config,
         resolution=args.resolution,
         guidance_dropout=args.guidance_dropout,
+        timestep_shift=args.timestep_shift,
         seed=args.seed,
     )
     dataloader = DataLoader(

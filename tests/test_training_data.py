@@ -195,6 +195,26 @@ def test_guidance_dropout_replaces_the_prompt_of_generation_samples(synthetic, t
     assert torch.equal(dropped["labels"], plain["labels"])  # labels unchanged, as officially
 
 
+def test_timestep_shift_warps_the_same_draws_as_the_sampler_grid(synthetic, tiny):
+    """With `timestep_shift`, each generation target's t is the sampler's warp of the uniform draw it had before;
+    over many draws a third fall below t = 0.2 at shift 0.5 (a fifth uniformly)."""
+    from transformers_cheers.pipelines.scheduling_cheers import shift_time
+
+    _, processor = tiny
+    _, dataset = synthetic
+    uniform = CheersTrainingCollator(processor, timestep_dtype=None)
+    shifted = CheersTrainingCollator(processor, timestep_dtype=None, timestep_shift=0.5)
+    t_uniform = uniform([dataset[2], dataset[3]])["image_timesteps"]
+    t_shifted = shifted([dataset[2], dataset[3]])["image_timesteps"]
+    torch.testing.assert_close(t_shifted, shift_time(t_uniform, 0.5))
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.tensor([shifted.draw_timestep(generator) for _ in range(3000)])
+    assert abs(float((draws < 0.2).float().mean()) - 1 / 3) < 0.03
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="timestep_shift must be > 0"):
+            CheersTrainingCollator(processor, timestep_shift=bad)
+
+
 def test_per_sample_randomness_ignores_batch_composition(synthetic, tiny):
     model, processor = tiny
     _, dataset = synthetic

@@ -25,6 +25,7 @@ What the collator reproduces from the official training (`train_cheers.process_s
   everywhere; image tokens never are. (The model then shifts and rewrites them, see `transformers_cheers.training`.)
 * images: `<image>` is letterboxed with t = 1; `<image_gen>` is centre-cropped with t ~ U(0, 1) clamped to
   [1e-6, 1 - 1e-6]; t is rounded to bf16 (the official pixel dtype), so draws above ~0.999 become 1 (target 0);
+  `timestep_shift` (not official, off by default) warps the draw with the sampler's time shift instead;
 * with `text_only_black_context_image=True` (off by default, like the processor and the pipelines), a sample
   without images gets a black context image at t = 0 in front of its text: the official dummy prefix, which
   reproduces the official training batches;
@@ -56,6 +57,7 @@ import torch
 from transformers.utils import logging
 
 from .image_processing_cheers import load_image_file
+from .pipelines.scheduling_cheers import shift_time
 from .prompting import (
     DEFAULT_SYSTEM_PROMPT,
     IMAGE_GEN_TOKEN,
@@ -272,6 +274,10 @@ class CheersTrainingCollator:
             reproducible); otherwise the model draws it from the global RNG.
         resolution (`int`, *optional*): image side (a multiple of 32); defaults to the image processor's.
         guidance_dropout (`float`, defaults to 0.2): the official `cfg_data_rate`.
+        timestep_shift (`float`, *optional*): draw t as `shift_time(u, timestep_shift)` with u ~ U(0, 1): the warp of
+            the sampler's time grid (`CheersFlowMatchScheduler(time_shift=...)`), so that training visits each t as
+            often as sampling with that shift does (0.5 puts a third of the draws below t = 0.2, against a fifth).
+            Default None: t ~ U(0, 1), as the official training.
         timestep_dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): t is rounded to this dtype, as
             the official training (bf16 pixel values) does; None keeps fp32.
         pixel_dtype (`torch.dtype`, *optional*): the official training stores pixels as bf16; default fp32.
@@ -288,6 +294,7 @@ class CheersTrainingCollator:
     config: object = None
     resolution: int | None = None
     guidance_dropout: float = 0.2
+    timestep_shift: float | None = None
     timestep_dtype: torch.dtype | None = torch.bfloat16
     pixel_dtype: torch.dtype | None = None
     text_only_black_context_image: bool = False
@@ -303,6 +310,11 @@ class CheersTrainingCollator:
         self.resolution = self.check_resolution(self.resolution or image_processor.resolution, "the collator")
         if not 0.0 <= self.guidance_dropout <= 1.0:
             raise ValueError(f"guidance_dropout must be in [0, 1], got {self.guidance_dropout}.")
+        if self.timestep_shift is not None and not self.timestep_shift > 0:  # also rejects NaN
+            raise ValueError(
+                f"timestep_shift must be > 0 (e.g. 0.5, the sampler's default), got {self.timestep_shift}; "
+                "None draws t uniformly."
+            )
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}.")
         tokenizer = self.processor.tokenizer
@@ -357,7 +369,7 @@ class CheersTrainingCollator:
                 if token == IMAGE_TOKEN:
                     sample_timesteps.append(1.0)
                 else:
-                    draw = float(torch.rand(1, generator=generator))
+                    draw = self.draw_timestep(generator)
                     sample_timesteps.append(min(max(draw, TIMESTEP_EPSILON), 1 - TIMESTEP_EPSILON))
             context = None
             if not sample_timesteps and self.text_only_black_context_image:
@@ -407,6 +419,13 @@ class CheersTrainingCollator:
             if self.config is not None:
                 output["image_noise"] = self.draw_noise(samples, generators, resolution)
         return output
+
+    def draw_timestep(self, generator: torch.Generator) -> float:
+        """t of one generation target: U(0, 1) (official), or warped by the sampler's time shift."""
+        draw = torch.rand(1, generator=generator)
+        if self.timestep_shift is not None:
+            draw = shift_time(draw, self.timestep_shift)
+        return float(draw)
 
     def draw_noise(self, samples, generators, resolution: int) -> torch.Tensor:
         """x0 for every image of the batch, in `pixel_values` order, each sample from its own generator."""
