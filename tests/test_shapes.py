@@ -380,13 +380,17 @@ def test_diagnosis_runs_end_to_end_and_refuses_other_folders(tmp_path, diagnose_
     arguments = ["--times", "0", "0.5", "--guidance", "1", "2", "--num-noise", "8", "--per-caption", "2"]
     monkeypatch.setattr("sys.argv", ["diagnose_shapes.py", str(tmp_path), *arguments])
     diagnose_shapes.main()
-    channels_part, denoiser_part = capsys.readouterr().out.split("3. the denoiser along t")
+    channels_part, rest = capsys.readouterr().out.split("3. the denoiser along t")
+    denoiser_part, prompt_part = rest.split("4. does the prompt reach the velocity?")
     channel_rows = [line for line in channels_part.splitlines() if line[:3] in {f"| {c}" for c in range(10)}]
     assert len(channel_rows) == model.config.vae_config["latent_channels"]
     assert "floor of the velocity MSE at t = 0: " in denoiser_part
     rows = [line.split("|")[1:3] for line in denoiser_part.splitlines() if line[:3] in ("| 1", "| 2")]
     expected = [("1", "0"), ("1", "0.5"), ("2", "0"), ("2", "0.5")]  # (guidance, t)
     assert [(guidance.strip(), t.strip()) for guidance, t in rows] == expected
+    prompt_rows = [line.split("|")[1:4] for line in prompt_part.splitlines() if line[:3] == "| 0"]
+    assert [t.strip() for t, _, _ in prompt_rows] == ["0", "0.5"]
+    assert all(float(effect) >= 0 and float(gate) >= 0 for _, effect, gate in prompt_rows)
 
     monkeypatch.setattr("sys.argv", ["diagnose_shapes.py", str(tmp_path), "--times", "1"])
     with pytest.raises(SystemExit):
