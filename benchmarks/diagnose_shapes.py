@@ -168,7 +168,9 @@ def main():
         [("guidance", "t", "velocity MSE", "x1_hat colour %", "x1_hat shape %", "x1_hat position %"), *denoiser_rows]
     )
     print("\n4. does the prompt reach the velocity? (~0: the model ignores it and draws unconditionally)\n")
-    print_markdown_table([("t", "|v_cond - v_uncond| / |v_cond|", "mean |detail gate|"), *prompt_rows])
+    print_markdown_table(
+        [("t", "prompt effect: norm(v_cond - v_uncond) / norm(v_cond)", "mean abs detail gate"), *prompt_rows]
+    )
 
 
 if __name__ == "__main__":
