@@ -23,7 +23,8 @@ NUM_GENERATION="${NUM_GENERATION:-12000}"
 NUM_UNDERSTANDING="${NUM_UNDERSTANDING:-10000}"
 NUM_EDITING="${NUM_EDITING:-6000}"
 VAE_STEPS="${VAE_STEPS:-900}"
-SFT_STEPS="${SFT_STEPS:-3000}"
+SFT_STEPS="${SFT_STEPS:-4000}"
+TIMESTEP_SHIFT="${TIMESTEP_SHIFT:-0.5}"  # t drawn on the sampler's grid: more steps where the prompt sets the layout
 SFT_BATCH="${SFT_BATCH:-16}"  # per process
 PROCESSES="${PROCESSES:-2}"
 DEFAULT_SAMPLING='{"num_inference_steps": 20, "guidance_scale": 3.0}'
@@ -61,8 +62,8 @@ if [ ! -f "$RUN/sft/final/config.json" ]; then
   fi
   "${launch[@]}" "$HERE/train_lora.py" --cpu --full --stage scratch --model "$RUN/vae/final" --data "$RUN/data/train.jsonl" \
     --output-dir "$RUN/sft" --max-steps "$SFT_STEPS" --batch-size "$SFT_BATCH" --learning-rate 1e-3 \
-    --lr-scheduler cosine --warmup-ratio 0.03 --no-gradient-checkpointing --checkpoint-every 250 \
-    --checkpoints-total-limit 1 --report-to none --quiet $(resume_flag "$RUN/sft")
+    --timestep-shift "$TIMESTEP_SHIFT" --lr-scheduler cosine --warmup-ratio 0.03 --no-gradient-checkpointing \
+    --checkpoint-every 250 --checkpoints-total-limit 1 --report-to none --quiet $(resume_flag "$RUN/sft")
 fi
 stage_time "stage 2 (scratch)" "$start"
 

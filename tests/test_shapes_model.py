@@ -71,9 +71,9 @@ def test_shipped_folder_is_small_and_complete():
 
 
 # Thresholds: well below the benchmark's targets and above chance, set from what the shipped model reaches on the
-# full evaluation (docs/shapes.md): text-to-image colour 58 % seen / 73 % held-out (chance 17 %), understanding
-# colour 100 % and position 69 % (chance 33 %), edits reaching the requested colour 50 % seen (chance 17 %). It has not learnt
-# shapes (below chance when drawing, 41 % when answering) nor positions when drawing, so those are not asserted.
+# full evaluation (docs/shapes.md): text-to-image colour 100 % seen and held-out (chance 17 %), understanding colour
+# 100 % and position 84 % (chance 33 %), edits reaching the requested colour 100 % (chance 17 %). It has not learnt
+# shapes (chance when drawing, 40 % when answering) nor positions when drawing, so those are not asserted.
 
 
 def test_draws_the_colour_it_is_asked(pipe, sampling):
@@ -81,14 +81,14 @@ def test_draws_the_colour_it_is_asked(pipe, sampling):
               (("circle", "left"), ("square", "center"), ("triangle", "right"))]  # fmt: skip
     images = pipe([caption(*scene) for scene in scenes], generator=seeded(len(scenes)), **sampling).images
     colours = [read_scene(image)[0] for image in images]
-    assert sum(got == want for got, (want, _, _) in zip(colours, scenes)) >= 4, colours
+    assert sum(got == want for got, (want, _, _) in zip(colours, scenes)) >= 7, colours
 
 
 def test_draws_held_out_combinations_in_their_colour(pipe, sampling):
     prompts = [caption(colour, shape, "center") for colour, shape in HELD_OUT]
     images = pipe(prompts, generator=seeded(len(prompts), 100), **sampling).images
     colours = [read_scene(image)[0] for image in images]
-    assert sum(got == want for got, (want, _) in zip(colours, HELD_OUT)) >= 2, colours
+    assert sum(got == want for got, (want, _) in zip(colours, HELD_OUT)) >= 3, colours
 
 
 def test_answers_colour_and_position_of_fresh_images(pipe):
@@ -102,7 +102,7 @@ def test_answers_colour_and_position_of_fresh_images(pipe):
         output = pipe.model.generate(**inputs, max_new_tokens=6, do_sample=False)  # a left-padded batch
         answers = pipe.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         correct[kind] = sum(answer.strip() == scene.answer(kind) for answer, scene in zip(answers, scenes))
-    assert correct["colour"] >= 7 and correct["position"] >= 4, correct
+    assert correct["colour"] >= 7 and correct["position"] >= 5, correct
 
 
 def test_edits_reach_the_requested_colour(pipe, sampling):
@@ -117,7 +117,7 @@ def test_edits_reach_the_requested_colour(pipe, sampling):
         **sampling,
     ).images
     colours = [read_scene(image)[0] for image in edited]
-    assert sum(got == want for got, want in zip(colours, targets)) >= 3, (colours, targets)  # chance: 1.2 of 7
+    assert sum(got == want for got, want in zip(colours, targets)) >= 5, (colours, targets)  # chance: 1.2 of 7
 
 
 def test_unknown_words_still_tokenize_and_run(pipe):
