@@ -7,7 +7,8 @@
 # 1. examples/train_vae.py: a new model (tokenizer trained on the data's text, `shapes` preset), its VAE trained as an
 #    autoencoder, latent statistics, decoder projector copied from the decoder, VAE frozen;
 # 2. examples/train_lora.py --full --stage scratch: everything but the VAE and the decoder projector, on the mixed
-#    understanding / generation / editing data, with the official objective; data-parallel over PROCESSES processes
+#    understanding / generation / editing data, with the official objective (t of the generation targets drawn on
+#    the sampler's shifted grid, TIMESTEP_SHIFT); data-parallel over PROCESSES processes
 #    of one thread each (accelerate, gloo): on a small model a 2-thread process stalls whenever another job takes a
 #    core, while single-thread processes only share it;
 # 3. export: the final folder plus the world card (with the sampling settings the model is meant to use).
