@@ -1,4 +1,4 @@
-"""Why does a Cheers-Shapes model draw what it draws? Three measurements behind the diagnosis in docs/shapes.md.
+"""Why does a Cheers-Shapes model draw what it draws? Four measurements behind the diagnosis in docs/shapes.md.
 
     python benchmarks/diagnose_shapes.py examples/cheers-shapes
     python benchmarks/diagnose_shapes.py MODEL_DIR --times 0.02 0.1 0.3 0.5 0.9 --guidance 1 3 --num-noise 600
@@ -33,12 +33,13 @@ from eval_shapes import cpu_line, load, print_markdown_table
 from transformers.utils import logging
 
 from transformers_cheers import shapes
+from transformers_cheers.pipelines.sampling import guided_velocity
 
 
 def latent_channel_variances(model) -> list[float]:
     """Variance of each VAE latent channel over the data (the patchified BatchNorm entries of a channel, averaged)."""
-    patch = model.config.vae_config["patch_size"]
-    per_entry = model.model.vae.bn.running_var.float().view(-1, patch[0] * patch[1])
+    height, width = model.model.latent_patch_size
+    per_entry = model.model.vae.bn.running_var.float().view(-1, height * width)
     return per_entry.mean(dim=1).tolist()
 
 
@@ -67,9 +68,9 @@ def noise_visibility(model, num_images: int, seed: int) -> dict[str, list[float]
         "decoded pixel patch": pixel_patches.reshape(len(targets), -1),
         "SigLIP patch embedding": tokens.patch_embeddings.float().reshape(len(targets), -1),
     }
-    entries = config.vae_config["patch_size"][0] * config.vae_config["patch_size"][1]
+    height, width = model.model.latent_patch_size
     return {
-        name: held_out_r2(features, targets).view(-1, entries).mean(dim=1).tolist()
+        name: held_out_r2(features, targets).view(-1, height * width).mean(dim=1).tolist()
         for name, features in sources.items()
     }
 
@@ -111,12 +112,13 @@ def denoiser_by_time(pipe, scenes, times, guidances, seed: int) -> tuple[list[tu
     for t in times:
         noisy = t * clean + (1 - t) * noise
         output = core.compute_velocity(noisy.to(pipe.model.dtype), t, cache, mask, branches)
-        conditional, unconditional = output.velocity.float().chunk(2)
+        velocities = output.velocity.float()
+        conditional, unconditional = velocities.chunk(2)
         prompt_effect = float((conditional - unconditional).norm() / conditional.norm())
         gate = float(output.detail_gate[: len(scenes)].float().abs().mean())
         prompt_rows.append((f"{t:g}", f"{prompt_effect:.3f}", f"{gate:.2f}"))
         for guidance in guidances:
-            velocity = unconditional + guidance * (conditional - unconditional)
+            velocity = guided_velocity(velocities, branches, guidance)
             estimate = noisy + (1 - t) * velocity
             pixels = core.decode_latents(estimate.to(pipe.model.dtype))
             reads = [shapes.read_scene(image) for image in pipe.processor.postprocess(pixels, output_type="pil")]
