@@ -1,4 +1,4 @@
-"""Why does a Cheers-Shapes model draw what it draws? Four measurements behind the diagnosis in docs/shapes.md.
+"""Why does a Cheers-Shapes model draw what it draws? Six measurements behind the diagnosis in docs/shapes.md.
 
     python benchmarks/diagnose_shapes.py examples/cheers-shapes
     python benchmarks/diagnose_shapes.py MODEL_DIR --times 0.02 0.1 0.3 0.5 0.9 --guidance 1 3 --num-noise 600
@@ -20,6 +20,13 @@
    velocity, and the mean magnitude of the detail gate (how much of x_t's patch embedding the detail head gets
    directly), per t. A model that draws well-formed shapes of random colours, the same with and without guidance,
    shows ~0 here: it denoises through the detail path alone and ignores its prompt.
+5. What the sampler leaves: the seen captions sampled with the world card's settings; the variance (per latent
+   element, across the samples) of the final latents beside that of the same scenes' own latents (~1, normalised).
+   Noise the network could not see is never removed, so it stays in the samples: an excess of ~1 is all of it.
+6. What the words do: per seen caption, x1_hat at a small t averaged over many noise draws. The noise averages
+   out and leaves the model's own picture of the caption, E[x1 | caption]; the reader reads it. A word the model
+   draws moves that picture (the shape to the left third for "on the left"); a word it ignores does not, and its
+   accuracy sits at chance (a third for shape and position).
 """
 
 import argparse
@@ -131,6 +138,35 @@ def denoiser_by_time(pipe, scenes, times, guidances, seed: int) -> tuple[list[tu
     return sorted(denoiser_rows, key=lambda row: float(row[0])), prompt_rows
 
 
+@torch.no_grad()
+def sampled_latent_variance(pipe, scenes, sampling: dict, seed: int) -> tuple[float, float]:
+    """(variance of the sampled latents, variance of the scenes' own latents), per element across the scenes."""
+    captions = [shapes.caption(scene.colour, scene.shape, scene.position) for scene in scenes]
+    generator = torch.Generator().manual_seed(seed)
+    sampled = pipe(captions, output_type="latent", generator=generator, **sampling).images.float()
+    return float(sampled.var(dim=0).mean()), float(encode(pipe, scenes).var(dim=0).mean())
+
+
+@torch.no_grad()
+def caption_pictures(pipe, scenes, t: float, guidances, num_draws: int, seed: int) -> list[tuple]:
+    """Per guidance: the reader's accuracy (colour, shape, position) on each caption's mean x1_hat at time t."""
+    core = pipe.model.model
+    noise = torch.randn(num_draws, *encode(pipe, scenes[:1]).shape[1:], generator=torch.Generator().manual_seed(seed))
+    hits = {guidance: [0, 0, 0] for guidance in guidances}
+    for scene in scenes:
+        caption = shapes.caption(scene.colour, scene.shape, scene.position)
+        cache, mask, branches = pipe.encode_prompt([caption] * num_draws, do_classifier_free_guidance=True)
+        noisy = (1 - t) * noise  # x_t of a mean-zero x1: no drawing in it, only noise
+        velocities = core.compute_velocity(noisy.to(pipe.model.dtype), t, cache, mask, branches).velocity.float()
+        for guidance in guidances:
+            picture = (noisy + (1 - t) * guided_velocity(velocities, branches, guidance)).mean(dim=0, keepdim=True)
+            pixels = core.decode_latents(picture.to(pipe.model.dtype))
+            read = shapes.read_scene(pipe.processor.postprocess(pixels, output_type="pil")[0])
+            for index, field in enumerate(("colour", "shape", "position")):
+                hits[guidance][index] += read[index] == getattr(scene, field)
+    return [(f"{g:g}", *(f"{100.0 * count / len(scenes):.1f}" for count in hits[g])) for g in guidances]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a Cheers-Shapes model folder (with cheers_shapes.json)")
@@ -138,13 +174,20 @@ def main():
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0], help="guidance scales of the x1_hat rows")
     parser.add_argument("--num-noise", type=int, default=600, help="pure-noise latents for the visibility fit")
     parser.add_argument("--per-caption", type=int, default=20, help="drawings per caption for the t = 0 floor")
+    parser.add_argument("--word-time", type=float, default=0.02, help="t of the caption pictures (measurement 6)")
+    parser.add_argument("--word-draws", type=int, default=48, help="noise draws averaged per caption picture")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.disable_progress_bar()
     if any(not 0 <= t < 1 for t in args.times):
         parser.error(f"--times must lie in [0, 1) (t = 1 is the clean image), got {args.times}.")
-    if args.num_noise < 2 or args.per_caption < 2:
-        parser.error("--num-noise and --per-caption must be at least 2 (a fit and a variance need two samples).")
+    if not 0 <= args.word_time < 1:
+        parser.error(f"--word-time must lie in [0, 1), got {args.word_time}.")
+    if args.num_noise < 2 or args.per_caption < 2 or args.word_draws < 1:
+        parser.error(
+            "--num-noise and --per-caption must be at least 2 (a fit and a variance need two samples), "
+            "--word-draws at least 1."
+        )
     try:
         pipe, card = load(Path(args.model), "float32")
     except (FileNotFoundError, ValueError) as error:
@@ -173,6 +216,18 @@ def main():
     print_markdown_table(
         [("t", "prompt effect: norm(v_cond - v_uncond) / norm(v_cond)", "mean abs detail gate"), *prompt_rows]
     )
+    sampling = card.get("sampling", {})  # the pipeline's defaults where the card names none
+    sampled, data = sampled_latent_variance(pipe, scenes, sampling, args.seed)
+    print(f"\n5. what the sampler leaves ({len(scenes)} seen captions, sampling {sampling or 'defaults'})\n")
+    print_markdown_table(
+        [("latents", "variance per element"), ("sampled", f"{sampled:.3f}"), ("the scenes' own", f"{data:.3f}")]
+    )
+    pictures = caption_pictures(pipe, scenes, args.word_time, args.guidance, args.word_draws, args.seed)
+    print(
+        f"\n6. what the words do: each caption's mean x1_hat at t = {args.word_time:g} over {args.word_draws} noise "
+        f"draws, read (chance: colour 17 %, shape and position 33 %)\n"
+    )
+    print_markdown_table([("guidance", "colour %", "shape %", "position %"), *pictures])
 
 
 if __name__ == "__main__":

@@ -378,10 +378,13 @@ def test_diagnosis_runs_end_to_end_and_refuses_other_folders(tmp_path, diagnose_
 
     shapes.write_world_card(tmp_path)
     arguments = ["--times", "0", "0.5", "--guidance", "1", "2", "--num-noise", "8", "--per-caption", "2"]
+    arguments += ["--word-draws", "2"]
     monkeypatch.setattr("sys.argv", ["diagnose_shapes.py", str(tmp_path), *arguments])
     diagnose_shapes.main()
     channels_part, rest = capsys.readouterr().out.split("3. the denoiser along t")
-    denoiser_part, prompt_part = rest.split("4. does the prompt reach the velocity?")
+    denoiser_part, rest = rest.split("4. does the prompt reach the velocity?")
+    prompt_part, rest = rest.split("5. what the sampler leaves")
+    sampler_part, words_part = rest.split("6. what the words do")
     channel_rows = [line for line in channels_part.splitlines() if line[:3] in {f"| {c}" for c in range(10)}]
     assert len(channel_rows) == model.config.vae_config["latent_channels"]
     assert "floor of the velocity MSE at t = 0: " in denoiser_part
@@ -391,6 +394,14 @@ def test_diagnosis_runs_end_to_end_and_refuses_other_folders(tmp_path, diagnose_
     prompt_rows = [line.split("|")[1:4] for line in prompt_part.splitlines() if line[:3] == "| 0"]
     assert [t.strip() for t, _, _ in prompt_rows] == ["0", "0.5"]
     assert all(float(effect) > 0 and float(gate) > 0 for _, effect, gate in prompt_rows)  # the prompt is passed
+    variances = dict(
+        line.split("|")[1:3] for line in sampler_part.splitlines() if line.startswith(("| sampled", "| the"))
+    )
+    assert {name.strip() for name in variances} == {"sampled", "the scenes' own"}
+    assert all(float(value) > 0 for value in variances.values())
+    word_rows = [line.split("|")[1:5] for line in words_part.splitlines() if line[:3] in ("| 1", "| 2")]
+    assert [row[0].strip() for row in word_rows] == ["1", "2"]  # one row per guidance
+    assert all(0 <= float(value) <= 100 for row in word_rows for value in row[1:])
 
     monkeypatch.setattr("sys.argv", ["diagnose_shapes.py", str(tmp_path), "--times", "1"])
     with pytest.raises(SystemExit):
