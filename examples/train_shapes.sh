@@ -6,12 +6,18 @@
 # 0. data: the synthetic world (python -m transformers_cheers.shapes);
 # 1. examples/train_vae.py: a new model (tokenizer trained on the data's text, `shapes` preset), its VAE trained as an
 #    autoencoder, latent statistics, decoder projector copied from the decoder, VAE frozen;
+# 1b. examples/train_vae.py --part projector: the decoder projector tuned so that its decoding of x_t shows the noise
+#    the denoiser must remove (a decoder trained on clean drawings alone hides it), its clean decodings kept;
 # 2. examples/train_lora.py --full --stage scratch: everything but the VAE and the decoder projector, on the mixed
 #    understanding / generation / editing data, with the official objective (t of the generation targets drawn on
 #    the sampler's shifted grid, TIMESTEP_SHIFT); data-parallel over PROCESSES processes
 #    of one thread each (accelerate, gloo): on a small model a 2-thread process stalls whenever another job takes a
 #    core, while single-thread processes only share it;
-# 3. export: the final folder plus the world card (with the sampling settings the model is meant to use).
+# 3. examples/train_lora.py --full --stage scratch again, from stage 2's model: a short tail on every generation sample
+#    and the first TAIL_UNDERSTANDING understanding samples (no editing), at a lower learning rate. After stage 2 the
+#    model draws the colour words but ignores the position words; this tail makes it draw where it is asked while the
+#    understanding samples keep its answers (docs/shapes.md, "Why drawing fails");
+# 4. export: the final folder plus the world card (with the sampling settings the model is meant to use).
 # Sizes and steps can be overridden from the environment (e.g. SFT_STEPS=20 for a smoke run). Both training stages
 # checkpoint every few hundred steps; rerunning this script resumes a stage from its newest checkpoint.
 set -euo pipefail
@@ -24,7 +30,10 @@ NUM_GENERATION="${NUM_GENERATION:-12000}"
 NUM_UNDERSTANDING="${NUM_UNDERSTANDING:-10000}"
 NUM_EDITING="${NUM_EDITING:-6000}"
 VAE_STEPS="${VAE_STEPS:-900}"
-SFT_STEPS="${SFT_STEPS:-4000}"
+PROJECTOR_STEPS="${PROJECTOR_STEPS:-1000}"
+SFT_STEPS="${SFT_STEPS:-3800}"
+TAIL_STEPS="${TAIL_STEPS:-600}"
+TAIL_UNDERSTANDING="${TAIL_UNDERSTANDING:-5000}"
 TIMESTEP_SHIFT="${TIMESTEP_SHIFT:-0.5}"  # t drawn on the sampler's grid: more steps where the prompt sets the layout
 SFT_BATCH="${SFT_BATCH:-16}"  # per process
 PROCESSES="${PROCESSES:-2}"
@@ -54,21 +63,43 @@ fi
 stage_time "stage 1 (VAE)" "$start"
 
 start=$SECONDS
-if [ ! -f "$RUN/sft/final/config.json" ]; then
+if [ ! -f "$RUN/projector/final/config.json" ]; then
   # shellcheck disable=SC2046
-  launch=("$PYTHON")  # one process (all cores); several: accelerate's launcher (DDP over gloo, see docs/training.md)
-  if [ "$PROCESSES" -gt 1 ]; then
-    launch=(env OMP_NUM_THREADS=1 "$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$PROCESSES"
-      --num_machines 1 --mixed_precision no --dynamo_backend no)
-  fi
-  "${launch[@]}" "$HERE/train_lora.py" --cpu --full --stage scratch --model "$RUN/vae/final" --data "$RUN/data/train.jsonl" \
-    --output-dir "$RUN/sft" --max-steps "$SFT_STEPS" --batch-size "$SFT_BATCH" --learning-rate 1e-3 \
-    --timestep-shift "$TIMESTEP_SHIFT" --lr-scheduler cosine --warmup-ratio 0.03 --no-gradient-checkpointing \
-    --checkpoint-every 250 --checkpoints-total-limit 1 --report-to none --quiet $(resume_flag "$RUN/sft")
+  "$PYTHON" "$HERE/train_vae.py" --part projector --model "$RUN/vae/final" --data "$RUN/data/train.jsonl" \
+    --output-dir "$RUN/projector" --max-steps "$PROJECTOR_STEPS" --batch-size 32 --learning-rate 1e-3 \
+    --visibility-weight 1.0 --timestep-shift "$TIMESTEP_SHIFT" --checkpoint-every 250 --checkpoints-total-limit 1 \
+    --quiet $(resume_flag "$RUN/projector")
+fi
+stage_time "stage 1b (decoder projector)" "$start"
+
+launch=("$PYTHON")  # one process (all cores); several: accelerate's launcher (DDP over gloo, see docs/training.md)
+if [ "$PROCESSES" -gt 1 ]; then
+  launch=(env OMP_NUM_THREADS=1 "$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$PROCESSES"
+    --num_machines 1 --mixed_precision no --dynamo_backend no)
+fi
+train_rest() {  # MODEL DATA OUTPUT STEPS LEARNING_RATE: everything but the VAE and the decoder projector
+  # shellcheck disable=SC2046
+  "${launch[@]}" "$HERE/train_lora.py" --cpu --full --stage scratch --model "$1" --data "$2" --output-dir "$3" \
+    --max-steps "$4" --batch-size "$SFT_BATCH" --learning-rate "$5" --timestep-shift "$TIMESTEP_SHIFT" \
+    --lr-scheduler cosine --warmup-ratio 0.03 --no-gradient-checkpointing --checkpoint-every 250 \
+    --checkpoints-total-limit 1 --report-to none --quiet $(resume_flag "$3")
+}
+
+start=$SECONDS
+if [ ! -f "$RUN/sft/final/config.json" ]; then
+  train_rest "$RUN/projector/final" "$RUN/data/train.jsonl" "$RUN/sft" "$SFT_STEPS" 1e-3
 fi
 stage_time "stage 2 (scratch)" "$start"
 
-"$PYTHON" - "$RUN/sft/final" "$EXPORT" "$SAMPLING" <<'EOF'
+start=$SECONDS
+if [ ! -f "$RUN/tail/final/config.json" ]; then
+  cat "$RUN/data/generation.jsonl" <(head -n "$TAIL_UNDERSTANDING" "$RUN/data/understanding.jsonl") \
+    > "$RUN/data/tail.jsonl"
+  train_rest "$RUN/sft/final" "$RUN/data/tail.jsonl" "$RUN/tail" "$TAIL_STEPS" 3e-4
+fi
+stage_time "stage 3 (generation tail)" "$start"
+
+"$PYTHON" - "$RUN/tail/final" "$EXPORT" "$SAMPLING" <<'EOF'
 import json, shutil, sys
 from pathlib import Path
 

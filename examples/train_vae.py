@@ -1,17 +1,25 @@
-"""Stage 1 of a Cheers trained from scratch: a new model, its VAE trained as an autoencoder, then frozen.
+"""Stage 1 of a Cheers trained from scratch: the VAE trained as an autoencoder and frozen, then the decoder projector.
 
     python examples/train_vae.py --data shapes/train.jsonl --output-dir runs/shapes-vae --max-steps 600
+    python examples/train_vae.py --part projector --model runs/shapes-vae/final --data shapes/train.jsonl \
+        --output-dir runs/shapes-projector --max-steps 800
 
-Builds a Cheers of a preset size (`--preset`, default `shapes`) with a tokenizer trained on the dataset's own text
-(`transformers_cheers.scratch`), trains its VAE (diffusers' `AutoencoderKLFlux2` inside the model) on the images of
-the jsonl (L1 + MSE of the decoded posterior mean, object pixels weighted up, + a small KL term), computes the
-latent BatchNorm statistics over all the images, initialises the decoder projector from the trained decoder, and saves a model folder with its processor to
-`OUTPUT/final`: the `--model` of stage 2 (`examples/train_lora.py --full`, which keeps the VAE frozen).
+`--part vae` (1a) builds a Cheers of a preset size (`--preset`, default `shapes`) with a tokenizer trained on the
+dataset's own text (`transformers_cheers.scratch`), trains its VAE (diffusers' `AutoencoderKLFlux2` inside the model)
+on the images of the jsonl (L1 + MSE of the decoded posterior mean, object pixels weighted up, + a small KL term),
+computes the latent BatchNorm statistics over all the images, initialises the decoder projector from the trained
+decoder, and saves a model folder with its processor to `OUTPUT/final`.
 
-Like `train_lora.py`: 🤗 Accelerate, AdamW with warm-up and cosine decay, clipping, `metrics.jsonl` (loss, mse, kl,
-lr), `--checkpoint-every N` -> `OUTPUT/checkpoint-N` (`accelerator.save_state`), `--resume latest|FOLDER` with the same
-data order. The untrained model (tokenizer and random weights) is saved first to `OUTPUT/init`, so a resumed run
-starts from the same model.
+`--part projector` (1b) tunes that decoder projector, the only window Cheers has on x_t, so that its decoding of x_t
+shows the noise the denoiser must remove (`scratch.decoder_projector_losses`: its decoding of clean latents stays the
+VAE's, and x_t is recovered linearly from each decoded pixel patch by a probe that is then discarded). Its
+`OUTPUT/final` is the `--model` of stage 2 (`examples/train_lora.py --full`, which keeps the VAE and, with `--stage
+scratch`, the projector frozen).
+
+Like `train_lora.py`: 🤗 Accelerate, AdamW with warm-up and cosine decay, clipping, `metrics.jsonl` (the losses and
+lr), `--checkpoint-every N` -> `OUTPUT/checkpoint-N` (`accelerator.save_state`), `--resume latest|FOLDER` with the
+same data order. Part 1a saves the untrained model (tokenizer and random weights) first to `OUTPUT/init`, so a resumed
+run starts from the same model.
 """
 
 import argparse
@@ -22,6 +30,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from train_lora import JsonlTracker, add_checkpoint_arguments, resume_state, save_checkpoint
@@ -33,15 +42,19 @@ from transformers_cheers.image_processing_cheers import load_image_file
 from transformers_cheers.presets import PRESETS
 from transformers_cheers.scratch import (
     conversation_texts,
+    decoder_projector_losses,
     finish_vae_stage,
     latent_statistics,
     new_cheers,
     train_tokenizer,
+    visibility_probe,
 )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["vae", "projector"], default="vae", help="what this run trains (see above)")
+    parser.add_argument("--model", default=None, help="--part projector: the folder --part vae saved (OUTPUT/final)")
     parser.add_argument("--data", required=True, help="official-format jsonl (its images and its text are used)")
     parser.add_argument("--image-root", default=None, help="folder of the image paths (default: the jsonl's)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="shapes", help="model size")
@@ -55,12 +68,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--foreground-weight", type=float, default=20.0, help="loss weight of pixels unlike the image's background"
     )
+    parser.add_argument(
+        "--visibility-weight", type=float, default=1.0, help="--part projector: weight of the x_t visibility term"
+    )
+    parser.add_argument(
+        "--timestep-shift",
+        type=float,
+        default=1.0,
+        help="--part projector: t of x_t drawn as shift_time(u, shift), like stage 2's --timestep-shift",
+    )
     parser.add_argument("--statistics-images", type=int, default=2048, help="images the latent statistics use")
     add_checkpoint_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.part == "projector" and not args.model:
+        parser.error("--part projector needs --model: the OUTPUT/final folder of a --part vae run")
+    if args.part == "vae" and args.model:
+        parser.error("--model is for --part projector; --part vae builds a new model from the data")
+    return args
 
 
 class ImageFiles(Dataset):
@@ -114,6 +141,38 @@ def autoencoder_losses(vae, pixel_values: torch.Tensor, kl_weight: float, foregr
     return {"loss": reconstruction_loss + kl_weight * kl, "mse": error.square().mean(), "kl": kl}
 
 
+def trained_module(args, model) -> nn.Module:
+    """What this part trains: the VAE, or the decoder projector together with its visibility probe."""
+    if args.part == "vae":
+        return model.model.vae.requires_grad_(True).train()
+    model.requires_grad_(False)
+    projector = model.model.vae_decoder_projector.requires_grad_(True).train()
+    projector.bn.eval()  # it normalises with the VAE's latent statistics; train mode would use batch statistics
+    return nn.ModuleDict({"projector": projector, "probe": visibility_probe(model)})
+
+
+def part_losses(args, model, trained: nn.Module, pixel_values: torch.Tensor) -> dict:
+    if args.part == "vae":
+        return autoencoder_losses(trained, pixel_values, args.kl_weight, args.foreground_weight)
+    with torch.no_grad():
+        latents = model.model.encode_latents(pixel_values)
+    losses = decoder_projector_losses(model, trained["probe"], latents, args.timestep_shift)
+    return {"loss": losses["clean"] + args.visibility_weight * losses["visibility"], **losses}
+
+
+def finish_part(args, model, trained: nn.Module, images: Dataset, device) -> str:
+    """Hand the part over to the next stage; returns a line to print."""
+    if args.part == "projector":
+        trained["projector"].eval().requires_grad_(False)
+        return "decoder projector tuned"
+    vae = trained.eval()
+    subset = torch.utils.data.Subset(images, range(0, len(images), max(len(images) // args.statistics_images, 1)))
+    ordered = DataLoader(subset, batch_size=args.batch_size)
+    mean, variance = latent_statistics(vae, (batch.to(device) for batch in ordered))
+    finish_vae_stage(model, mean, variance)
+    return f"latent variance {variance.min():.3g}-{variance.max():.3g}"
+
+
 def main(argv=None) -> dict:
     """Train; returns the last step's metrics."""
     args = parse_args(argv)
@@ -129,35 +188,39 @@ def main(argv=None) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     dataset = load_conversation_dataset(args.data, image_root=args.image_root)
-    model, processor = initial_model(args, dataset, output_dir, accelerator)
+    if args.part == "vae":
+        model, processor = initial_model(args, dataset, output_dir, accelerator)
+    else:
+        model, processor = (
+            CheersForConditionalGeneration.from_pretrained(args.model),
+            CheersProcessor.from_pretrained(args.model),
+        )
     paths = sorted({path for images in dataset["images"] for path in images})
     images = ImageFiles(paths, processor.image_processor)
     dataloader = DataLoader(images, batch_size=args.batch_size, shuffle=True, drop_last=True)
-    vae = model.model.vae.requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate)
+    trained = trained_module(args, model)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.learning_rate)
     scheduler = get_scheduler(
         "cosine",
         optimizer,
         num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps) * accelerator.num_processes,
         num_training_steps=args.max_steps * accelerator.num_processes,
     )
-    vae, optimizer, dataloader, scheduler = accelerator.prepare(vae, optimizer, dataloader, scheduler)
+    trained, optimizer, dataloader, scheduler = accelerator.prepare(trained, optimizer, dataloader, scheduler)
 
     global_step = resume_state(accelerator, output_dir, args.resume)
 
-    accelerator.init_trackers("cheers-vae", config={key: str(value) for key, value in vars(args).items()})
-    progress = tqdm(total=args.max_steps, initial=global_step, desc="vae steps", disable=args.quiet)
+    accelerator.init_trackers(f"cheers-{args.part}", config={key: str(value) for key, value in vars(args).items()})
+    progress = tqdm(total=args.max_steps, initial=global_step, desc=f"{args.part} steps", disable=args.quiet)
     metrics, epoch = {}, global_step // len(dataloader)
     while global_step < args.max_steps:
         dataloader.set_epoch(epoch)
         skip = global_step - epoch * len(dataloader)
         for pixel_values in accelerator.skip_first_batches(dataloader, skip) if skip else dataloader:
-            losses = autoencoder_losses(
-                accelerator.unwrap_model(vae), pixel_values, args.kl_weight, args.foreground_weight
-            )
+            losses = part_losses(args, model, accelerator.unwrap_model(trained), pixel_values)
             accelerator.backward(losses["loss"])
             if args.max_grad_norm:
-                accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
+                accelerator.clip_grad_norm_(trained.parameters(), args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -166,7 +229,7 @@ def main(argv=None) -> dict:
             metrics = {**dict(zip(losses, reduced)), "lr": scheduler.get_last_lr()[0]}
             accelerator.log(metrics, step=global_step)
             progress.update(1)
-            progress.set_postfix(mse=f"{metrics['mse']:.5f}", kl=f"{metrics['kl']:.3f}")
+            progress.set_postfix({name: f"{value:.4g}" for name, value in metrics.items() if name != "lr"})
             if args.checkpoint_every and global_step % args.checkpoint_every == 0:
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if global_step >= args.max_steps:
@@ -176,14 +239,10 @@ def main(argv=None) -> dict:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        vae = accelerator.unwrap_model(vae).eval()
-        subset = torch.utils.data.Subset(images, range(0, len(images), max(len(images) // args.statistics_images, 1)))
-        ordered = DataLoader(subset, batch_size=args.batch_size)
-        mean, variance = latent_statistics(vae, (batch.to(accelerator.device) for batch in ordered))
-        finish_vae_stage(model, mean, variance)
+        summary = finish_part(args, model, accelerator.unwrap_model(trained), images, accelerator.device)
         model.save_pretrained(output_dir / "final")
         processor.save_pretrained(output_dir / "final")
-        accelerator.print(f"Saved {output_dir / 'final'} (latent variance {variance.min():.3g}-{variance.max():.3g})")
+        accelerator.print(f"Saved {output_dir / 'final'} ({summary})")
     accelerator.end_training()
     return metrics
 

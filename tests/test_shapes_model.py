@@ -20,7 +20,14 @@ from transformers_cheers import (
     CheersProcessor,
 )
 from transformers_cheers.layout import patchify_latents
-from transformers_cheers.scratch import finish_vae_stage, latent_statistics, new_cheers, train_tokenizer
+from transformers_cheers.scratch import (
+    decoder_projector_losses,
+    finish_vae_stage,
+    latent_statistics,
+    new_cheers,
+    train_tokenizer,
+    visibility_probe,
+)
 from transformers_cheers.shapes import (
     COLOURS,
     HELD_OUT,
@@ -71,17 +78,19 @@ def test_shipped_folder_is_small_and_complete():
 
 
 # Thresholds: well below the benchmark's targets and above chance, set from what the shipped model reaches on the
-# full evaluation (docs/shapes.md): text-to-image colour 100 % seen and held-out (chance 17 %), understanding colour
-# 100 % and position 84 % (chance 33 %), edits reaching the requested colour 100 % (chance 17 %). It has not learnt
-# shapes (chance when drawing, 40 % when answering) nor positions when drawing, so those are not asserted.
+# full evaluation (docs/shapes.md): text-to-image colour 99-100 % seen and held-out (chance 17 %) and position 80 %
+# seen (chance 33 %), understanding colour 100 % and position 92 % (chance 33 %), edits reaching the requested colour
+# 97-98 % (chance 17 %). It has not learnt to draw shapes (chance) and answers the shape 53 % of the time, so shapes
+# are not asserted.
 
 
-def test_draws_the_colour_it_is_asked(pipe, sampling):
+def test_draws_the_colour_and_position_it_is_asked(pipe, sampling):
     scenes = [(colour, shape, position) for colour in ("red", "blue", "orange") for shape, position in
               (("circle", "left"), ("square", "center"), ("triangle", "right"))]  # fmt: skip
     images = pipe([caption(*scene) for scene in scenes], generator=seeded(len(scenes)), **sampling).images
-    colours = [read_scene(image)[0] for image in images]
-    assert sum(got == want for got, (want, _, _) in zip(colours, scenes)) >= 7, colours
+    reads = [read_scene(image) for image in images]
+    assert sum(got[0] == want[0] for got, want in zip(reads, scenes)) >= 7, reads
+    assert sum(got[2] == want[2] for got, want in zip(reads, scenes)) >= 6, reads  # chance: 3 of 9
 
 
 def test_draws_held_out_combinations_in_their_colour(pipe, sampling):
@@ -148,7 +157,11 @@ def run(script, *args):
         AcceleratorState._reset_state(True)  # one Accelerator per run in this process
 
 
-def test_recipe_runs_resumes_and_freezes_the_vae(tmp_path):
+def changed(before: dict, after: dict, prefix: str) -> list[bool]:
+    return [not torch.equal(before[name], after[name]) for name in before if name.startswith(prefix)]
+
+
+def test_recipe_runs_resumes_and_freezes_what_it_should(tmp_path):
     data = write_dataset(tmp_path / "data", num_generation=6, num_understanding=6, num_editing=4) / "train.jsonl"
     train_vae, train_lora = load_example("train_vae"), load_example("train_lora")
     vae_args = ["--data", data, "--output-dir", tmp_path / "vae", "--batch-size", 4, "--statistics-images", 8]
@@ -158,26 +171,80 @@ def test_recipe_runs_resumes_and_freezes_the_vae(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "vae" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 
-    stage1 = tmp_path / "vae" / "final"
+    vae_stage = tmp_path / "vae" / "final"
+    with pytest.raises(SystemExit):  # the projector part tunes an existing stage-1 model
+        train_vae.parse_args(["--part", "projector", "--data", str(data)])
+    projector_metrics = run(
+        train_vae, "--part", "projector", "--model", vae_stage, "--data", data, "--output-dir", tmp_path / "projector",
+        "--max-steps", 2, "--batch-size", 4, "--timestep-shift", 0.5, "--quiet",
+    )  # fmt: skip
+    assert set(projector_metrics) == {"loss", "clean", "visibility", "lr"}
+    stage1 = tmp_path / "projector" / "final"
+    first, before = load_file(vae_stage / "model.safetensors"), load_file(stage1 / "model.safetensors")
+    assert not any(changed(first, before, "model.vae.")) and any(
+        changed(first, before, "model.vae_decoder_projector.")
+    )
+    assert not any(changed(first, before, "model.language_model."))  # the probe is not saved, nothing else moves
+    assert set(first) == set(before)
+
     history = run(
         train_lora, "--full", "--stage", "scratch", "--model", stage1, "--data", data, "--output-dir",
         tmp_path / "sft", "--max-steps", 2, "--batch-size", 4, "--learning-rate", 1e-3, "--lr-scheduler", "cosine",
         "--no-gradient-checkpointing", "--report-to", "none", "--quiet",
     )  # fmt: skip
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(step["loss"])) for step in history)
-    before, after = (
-        load_file(stage1 / "model.safetensors"),
-        load_file(tmp_path / "sft" / "final" / "model.safetensors"),
-    )
-    frozen = [name for name in before if name.startswith(("model.vae.", "model.vae_decoder_projector."))]
-    assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
-    trained = [name for name in before if name.startswith("model.language_model.layers.")]
-    assert any(not torch.equal(before[name], after[name]) for name in trained)
-    # the projector starts as the VAE decoder, with the VAE's latent statistics
-    for name in before:
+    after = load_file(tmp_path / "sft" / "final" / "model.safetensors")
+    assert not any(changed(before, after, ("model.vae.", "model.vae_decoder_projector.")))
+    assert any(changed(before, after, "model.language_model.layers."))
+    # the projector started as the VAE decoder, with the VAE's latent statistics
+    for name in first:
         if name.startswith("model.vae_decoder_projector.") and "bn." not in name:
-            assert torch.equal(before[name], before[name.replace("vae_decoder_projector.", "vae.")]), name
-    assert torch.equal(before["model.vae.bn.running_var"], before["model.vae_decoder_projector.bn.running_var"])
+            assert torch.equal(first[name], first[name.replace("vae_decoder_projector.", "vae.")]), name
+    for bn in ("running_mean", "running_var"):
+        assert torch.equal(before[f"model.vae.bn.{bn}"], before[f"model.vae_decoder_projector.bn.{bn}"])
+
+
+def test_decoder_projector_losses_target_x_t_token_by_token():
+    tokenizer = train_tokenizer(["<|im_start|>user\na red circle<|im_end|>\n"] * 2)
+    model, _ = new_cheers(tokenizer, "shapes", seed=0)
+    pixels = torch.rand(4, 3, 64, 64)
+    mean, variance = latent_statistics(model.model.vae, [pixels])
+    finish_vae_stage(model, mean, variance)
+    with torch.no_grad():
+        latents = model.model.encode_latents(pixels)
+    probe = visibility_probe(model)
+    losses = decoder_projector_losses(
+        model, probe, latents, timestep_shift=0.5, generator=torch.Generator().manual_seed(3)
+    )
+    assert losses["clean"].item() == 0.0  # at the hand-over the projector decodes exactly as the VAE
+    losses["visibility"].backward()
+    assert probe.weight.grad.abs().sum() > 0
+    assert next(model.model.vae_decoder_projector.parameters()).grad is not None
+    assert all(parameter.grad is None for parameter in model.model.vae.parameters())
+
+    class ShowFirstChannel(torch.nn.Module):  # a projector painting each token's channel 0 over its pixel patch
+        def forward(self, latents):
+            patch = model.config.vision_config.patch_size
+            return latents[:, :1].repeat_interleave(patch, 2).repeat_interleave(patch, 3).expand(-1, 3, -1, -1)
+
+    model.model.vae_decoder_projector = ShowFirstChannel()
+    torch.nn.init.zeros_(probe.weight)
+    torch.nn.init.zeros_(probe.bias)
+    with torch.no_grad():
+        blind = decoder_projector_losses(
+            model, probe, latents, timestep_shift=0.5, generator=torch.Generator().manual_seed(3)
+        )
+        probe.weight[0, 0] = 1.0  # read channel 0 back from the patch's first pixel
+        reading = decoder_projector_losses(
+            model, probe, latents, timestep_shift=0.5, generator=torch.Generator().manual_seed(3)
+        )
+    # with the same draws, x_t is the same: reading channel 0 back removes exactly its share of the error
+    generator = torch.Generator().manual_seed(3)
+    t = torch.rand(len(latents), 1, 1, 1, generator=generator)
+    t = 0.5 * t / (1 - 0.5 * t)
+    x_t = t * latents + (1 - t) * torch.randn(latents.shape, generator=generator)
+    torch.testing.assert_close(blind["visibility"], x_t.square().mean())
+    torch.testing.assert_close(reading["visibility"], x_t[:, 1:].square().sum(1).mean() / x_t.shape[1])
 
 
 def test_latent_statistics_normalise_the_latents():

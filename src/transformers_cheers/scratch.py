@@ -9,16 +9,20 @@
 * `latent_statistics` / `finish_vae_stage`: the hand-over from the autoencoder stage: the latent BatchNorm
   statistics of both the VAE and the decoder projector, and the decoder projector initialised from the trained VAE
   decoder (as Cheers initialises it from the FLUX.2 decoder).
+* `decoder_projector_losses`: the objective of the stage that tunes the decoder projector to show x_t to SigLIP
+  (a small decoder trained on clean drawings hides the noise of x_t, so the denoiser cannot remove it).
 """
 
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from transformers import Qwen2Tokenizer
 
 from .image_processing_cheers import CheersImageProcessor
 from .layout import patchify_latents
 from .modeling_cheers import CheersForConditionalGeneration
+from .pipelines.scheduling_cheers import shift_time
 from .presets import PRESETS, preset_config
 from .processing_cheers import CheersProcessor
 from .prompting import DEFAULT_SYSTEM_PROMPT, render_training_conversation
@@ -103,4 +107,57 @@ def finish_vae_stage(model: CheersForConditionalGeneration, mean: torch.Tensor, 
     inner.vae.requires_grad_(False)
 
 
-__all__ = ["conversation_texts", "finish_vae_stage", "latent_statistics", "new_cheers", "train_tokenizer"]
+def visibility_probe(model: CheersForConditionalGeneration) -> torch.nn.Linear:
+    """A linear read-out of one latent token from the decoded pixel patch SigLIP embeds for it (a training device,
+    not part of the model): what it recovers, SigLIP's linear patch embedding can recover too."""
+    patch = model.config.vision_config.patch_size
+    return torch.nn.Linear(model.config.vision_config.num_channels * patch * patch, model.config.latent_channels)
+
+
+def decoder_projector_losses(
+    model: CheersForConditionalGeneration,
+    probe: torch.nn.Linear,
+    latents: torch.Tensor,
+    timestep_shift: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """The objective that tunes the decoder projector, on normalised, patchified clean latents `(N, C, h, w)`.
+
+    Cheers sees x_t only through the decoder projector and SigLIP; there is no skip from x_t to the velocity, so the
+    noise of x_t can be removed only as far as the projector's decoding shows it. A small decoder trained on clean
+    drawings alone snaps a noisy latent back onto a clean drawing and hides the noise (docs/shapes.md), and samples
+    keep their starting noise. Two terms:
+
+    * `clean`: the projector's decoding of clean latents stays the VAE's (the pixels understanding sees);
+    * `visibility`: x_t (`t * x_1 + (1 - t) * noise`, t drawn as `shift_time(u, timestep_shift)`) is recovered by
+      `probe` from each decoded pixel patch (normalised latent units, so every latent channel counts alike).
+    """
+    inner = model.model
+    x1 = latents.detach()
+    u = torch.rand(len(x1), 1, 1, 1, generator=generator, device=x1.device, dtype=x1.dtype)
+    t = shift_time(u, timestep_shift)
+    noise = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+    x_t = t * x1 + (1 - t) * noise
+    with torch.no_grad():
+        reference = inner.decode_latents(x1)
+    decoded = inner.vae_decoder_projector(torch.cat([x1, x_t]))
+    clean, noisy = decoded.split(len(x1))
+    patch = model.config.vision_config.patch_size
+    patches = F.unfold(noisy, patch, stride=patch).transpose(1, 2)  # (N, tokens, channels * patch * patch)
+    tokens = x_t.flatten(2).transpose(1, 2)  # (N, tokens, latent channels), same row-major grid order
+    losses = {
+        "clean": (clean - reference).square().mean(),
+        "visibility": (probe(patches) - tokens).square().mean(),
+    }
+    return losses
+
+
+__all__ = [
+    "conversation_texts",
+    "decoder_projector_losses",
+    "finish_vae_stage",
+    "latent_statistics",
+    "new_cheers",
+    "train_tokenizer",
+    "visibility_probe",
+]
