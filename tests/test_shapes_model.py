@@ -240,7 +240,7 @@ def test_decoder_projector_losses_target_x_t_token_by_token():
         )
     # with the same draws, x_t is the same: reading channel 0 back removes exactly its share of the error
     generator = torch.Generator().manual_seed(3)
-    t = torch.rand(len(latents), 1, 1, 1, generator=generator)
+    t = torch.rand(len(latents), generator=generator).view(-1, 1, 1, 1)
     t = 0.5 * t / (1 - 0.5 * t)
     x_t = t * latents + (1 - t) * torch.randn(latents.shape, generator=generator)
     torch.testing.assert_close(blind["visibility"], x_t.square().mean())

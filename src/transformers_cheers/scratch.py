@@ -27,6 +27,7 @@ from .presets import PRESETS, preset_config
 from .processing_cheers import CheersProcessor
 from .prompting import DEFAULT_SYSTEM_PROMPT, render_training_conversation
 from .tiny import special_token_ids, tiny_tokenizer
+from .training import flow_matching_path
 
 
 def conversation_texts(
@@ -129,15 +130,15 @@ def decoder_projector_losses(
     keep their starting noise. Two terms:
 
     * `clean`: the projector's decoding of clean latents stays the VAE's (the pixels understanding sees);
-    * `visibility`: x_t (`t * x_1 + (1 - t) * noise`, t drawn as `shift_time(u, timestep_shift)`) is recovered by
-      `probe` from each decoded pixel patch (normalised latent units, so every latent channel counts alike).
+    * `visibility`: x_t (on the flow-matching path of the training objective, t drawn as
+      `shift_time(u, timestep_shift)`) is recovered by `probe` from each decoded pixel patch (normalised latent
+      units, so every latent channel counts alike).
     """
     inner = model.model
     x1 = latents.detach()
-    u = torch.rand(len(x1), 1, 1, 1, generator=generator, device=x1.device, dtype=x1.dtype)
-    t = shift_time(u, timestep_shift)
+    t = shift_time(torch.rand(len(x1), generator=generator, device=x1.device, dtype=x1.dtype), timestep_shift)
     noise = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
-    x_t = t * x1 + (1 - t) * noise
+    x_t = flow_matching_path(x1, t, noise).noisy_latents
     with torch.no_grad():
         reference = inner.decode_latents(x1)
     decoded = inner.vae_decoder_projector(torch.cat([x1, x_t]))
@@ -145,11 +146,7 @@ def decoder_projector_losses(
     patch = model.config.vision_config.patch_size
     patches = F.unfold(noisy, patch, stride=patch).transpose(1, 2)  # (N, tokens, channels * patch * patch)
     tokens = x_t.flatten(2).transpose(1, 2)  # (N, tokens, latent channels), same row-major grid order
-    losses = {
-        "clean": (clean - reference).square().mean(),
-        "visibility": (probe(patches) - tokens).square().mean(),
-    }
-    return losses
+    return {"clean": (clean - reference).square().mean(), "visibility": (probe(patches) - tokens).square().mean()}
 
 
 __all__ = [
