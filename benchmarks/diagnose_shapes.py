@@ -41,6 +41,7 @@ from transformers.utils import logging
 
 from transformers_cheers import shapes
 from transformers_cheers.pipelines.sampling import guided_velocity
+from transformers_cheers.training import flow_matching_path
 
 
 def latent_channel_variances(model) -> list[float]:
@@ -60,14 +61,29 @@ def held_out_r2(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 1 - residual.var(dim=0) / targets[half:].var(dim=0)
 
 
+def latent_shape(model) -> tuple[int, int, int]:
+    """(channels, height, width) of one image's normalised, patchified latent at the native resolution."""
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    return model.config.latent_channels, grid, grid
+
+
+def noised(clean: torch.Tensor, t: float, noise: torch.Tensor) -> torch.Tensor:
+    """x_t on the training objective's flow-matching path."""
+    return flow_matching_path(clean, torch.full((len(clean),), t), noise).noisy_latents
+
+
+def one_step_estimate(noisy: torch.Tensor, velocity: torch.Tensor, t: float) -> torch.Tensor:
+    """x1_hat = x_t + (1 - t) v: where one Euler step to t = 1 would land."""
+    return noisy + (1 - t) * velocity
+
+
 @torch.no_grad()
 def noise_visibility(model, num_images: int, seed: int) -> dict[str, list[float]]:
     """R^2 per latent channel of pure-noise latents, from the decoded pixel patch and from the patch embedding."""
     config = model.config
     patch = config.vision_config.patch_size
-    grid = config.vision_config.image_size // patch
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(num_images, config.latent_channels, grid, grid, generator=generator)
+    noise = torch.randn(num_images, *latent_shape(model), generator=generator)
     tokens = model.model.get_latent_features(noise.to(model.dtype), return_dict=True)
     targets = noise.flatten(2).transpose(1, 2).reshape(-1, config.latent_channels)
     pixel_patches = F.unfold(tokens.decoded_pixels.float(), patch, stride=patch).transpose(1, 2)
@@ -107,17 +123,17 @@ def caption_floor(pipe, seed: int, per_caption: int) -> float:
 
 
 @torch.no_grad()
-def denoiser_by_time(pipe, scenes, times, guidances, seed: int) -> tuple[list[tuple], list[tuple]]:
-    """Along t, for the scenes' own captions: per (guidance, t) the velocity MSE and the reader's accuracy on x1_hat;
-    per t how much the prompt moves the velocity (|v_cond - v_uncond| / |v_cond|) and the mean |detail gate|."""
+def denoiser_by_time(pipe, scenes, clean, times, guidances, seed: int) -> tuple[list[tuple], list[tuple]]:
+    """Along t, for the scenes (latents `clean`) and their captions: per (guidance, t) the velocity MSE and the
+    reader's accuracy on x1_hat; per t how much the prompt moves the velocity (|v_cond - v_uncond| / |v_cond|) and
+    the mean |detail gate|."""
     core = pipe.model.model
-    clean = encode(pipe, scenes)
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
     captions = [shapes.caption(scene.colour, scene.shape, scene.position) for scene in scenes]
     cache, mask, branches = pipe.encode_prompt(captions, do_classifier_free_guidance=True)
     denoiser_rows, prompt_rows = [], []
     for t in times:
-        noisy = t * clean + (1 - t) * noise
+        noisy = noised(clean, t, noise)
         output = core.compute_velocity(noisy.to(pipe.model.dtype), t, cache, mask, branches)
         velocities = output.velocity.float()
         conditional, unconditional = velocities.chunk(2)
@@ -126,8 +142,7 @@ def denoiser_by_time(pipe, scenes, times, guidances, seed: int) -> tuple[list[tu
         prompt_rows.append((f"{t:g}", f"{prompt_effect:.3f}", f"{gate:.2f}"))
         for guidance in guidances:
             velocity = guided_velocity(velocities, branches, guidance)
-            estimate = noisy + (1 - t) * velocity
-            pixels = core.decode_latents(estimate.to(pipe.model.dtype))
+            pixels = core.decode_latents(one_step_estimate(noisy, velocity, t).to(pipe.model.dtype))
             reads = [shapes.read_scene(image) for image in pipe.processor.postprocess(pixels, output_type="pil")]
             accuracy = [
                 100.0 * sum(read[index] == getattr(scene, field) for read, scene in zip(reads, scenes)) / len(scenes)
@@ -139,27 +154,29 @@ def denoiser_by_time(pipe, scenes, times, guidances, seed: int) -> tuple[list[tu
 
 
 @torch.no_grad()
-def sampled_latent_variance(pipe, scenes, sampling: dict, seed: int) -> tuple[float, float]:
-    """(variance of the sampled latents, variance of the scenes' own latents), per element across the scenes."""
+def sampled_latent_variance(pipe, scenes, clean, sampling: dict, seed: int) -> tuple[float, float]:
+    """(variance of the sampled latents, variance of the scenes' own latents `clean`), per element across them."""
     captions = [shapes.caption(scene.colour, scene.shape, scene.position) for scene in scenes]
     generator = torch.Generator().manual_seed(seed)
     sampled = pipe(captions, output_type="latent", generator=generator, **sampling).images.float()
-    return float(sampled.var(dim=0).mean()), float(encode(pipe, scenes).var(dim=0).mean())
+    return float(sampled.var(dim=0).mean()), float(clean.var(dim=0).mean())
 
 
 @torch.no_grad()
 def caption_pictures(pipe, scenes, t: float, guidances, num_draws: int, seed: int) -> list[tuple]:
     """Per guidance: the reader's accuracy (colour, shape, position) on each caption's mean x1_hat at time t."""
     core = pipe.model.model
-    noise = torch.randn(num_draws, *encode(pipe, scenes[:1]).shape[1:], generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(num_draws, *latent_shape(pipe.model), generator=torch.Generator().manual_seed(seed))
     hits = {guidance: [0, 0, 0] for guidance in guidances}
     for scene in scenes:
         caption = shapes.caption(scene.colour, scene.shape, scene.position)
         cache, mask, branches = pipe.encode_prompt([caption] * num_draws, do_classifier_free_guidance=True)
-        noisy = (1 - t) * noise  # x_t of a mean-zero x1: no drawing in it, only noise
+        noisy = noised(torch.zeros_like(noise), t, noise)  # x_t of a mean-zero x1: no drawing in it, only noise
         velocities = core.compute_velocity(noisy.to(pipe.model.dtype), t, cache, mask, branches).velocity.float()
         for guidance in guidances:
-            picture = (noisy + (1 - t) * guided_velocity(velocities, branches, guidance)).mean(dim=0, keepdim=True)
+            picture = one_step_estimate(noisy, guided_velocity(velocities, branches, guidance), t).mean(
+                0, keepdim=True
+            )
             pixels = core.decode_latents(picture.to(pipe.model.dtype))
             read = shapes.read_scene(pipe.processor.postprocess(pixels, output_type="pil")[0])
             for index, field in enumerate(("colour", "shape", "position")):
@@ -208,7 +225,8 @@ def main():
     scenes = seen_scenes(args.seed)
     floor = caption_floor(pipe, args.seed, args.per_caption)
     print(f"\n3. the denoiser along t ({len(scenes)} seen scenes; floor of the velocity MSE at t = 0: {floor:.3f})\n")
-    denoiser_rows, prompt_rows = denoiser_by_time(pipe, scenes, args.times, args.guidance, args.seed)
+    clean = encode(pipe, scenes)
+    denoiser_rows, prompt_rows = denoiser_by_time(pipe, scenes, clean, args.times, args.guidance, args.seed)
     print_markdown_table(
         [("guidance", "t", "velocity MSE", "x1_hat colour %", "x1_hat shape %", "x1_hat position %"), *denoiser_rows]
     )
@@ -217,7 +235,7 @@ def main():
         [("t", "prompt effect: norm(v_cond - v_uncond) / norm(v_cond)", "mean abs detail gate"), *prompt_rows]
     )
     sampling = card.get("sampling", {})  # the pipeline's defaults where the card names none
-    sampled, data = sampled_latent_variance(pipe, scenes, sampling, args.seed)
+    sampled, data = sampled_latent_variance(pipe, scenes, clean, sampling, args.seed)
     print(f"\n5. what the sampler leaves ({len(scenes)} seen captions, sampling {sampling or 'defaults'})\n")
     print_markdown_table(
         [("latents", "variance per element"), ("sampled", f"{sampled:.3f}"), ("the scenes' own", f"{data:.3f}")]
