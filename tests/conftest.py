@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,27 @@ def run_python_without_the_package(code: str, cwd) -> subprocess.CompletedProces
         cwd=cwd,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_cpu_processes(script: Path, *args) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 SCRIPT --cpu ARGS`: two torchrun processes of one thread
+    each, DDP over gloo, offline. `python -m` works in any environment, also where the `accelerate` script is not
+    next to the interpreter. Fails the test with the end of stderr when the launch fails."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(script), "--cpu", *map(str, args),
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def load_script(path: Path):

@@ -3,16 +3,12 @@ lists every prompt once, reruns skip what is done and redo a deleted image; seed
 bad inputs."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import PartialState
-from conftest import load_script
+from conftest import load_script, run_two_cpu_processes
 from transformers.utils import logging as transformers_logging
 
 from transformers_cheers.tiny import tiny_cheers
@@ -45,12 +41,6 @@ def run_here(script, monkeypatch):
     return run
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def write_prompts(path: Path) -> Path:
     lines = [
         {"prompt": "A red apple on a wooden table."},
@@ -75,15 +65,7 @@ def part_lines(folder: Path) -> int:
 def test_two_processes_give_the_images_of_one_and_resume(run_here, tmp_path, capsys):
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     two, one = tmp_path / "two", tmp_path / "one"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        str(SCRIPT), "--cpu", "--prompts", str(prompts), "--output-dir", str(two), *STEPS, "--seed", "100",
-    ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_two_cpu_processes(SCRIPT, "--prompts", prompts, "--output-dir", two, *STEPS, "--seed", 100)
     assert "5 prompts: 0 done, 5 to generate on 2 process(es)" in result.stdout
 
     records = manifest(two)

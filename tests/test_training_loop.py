@@ -3,16 +3,12 @@ loss curve, and examples/train_lora.py under a real 2-process DDP run (gloo) end
 ranks."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import load_script
+from conftest import load_script, run_two_cpu_processes
 from safetensors.torch import load_file
 
 from transformers_cheers.data import CheersTrainingCollator, load_conversation_dataset, make_synthetic_dataset
@@ -21,8 +17,6 @@ from transformers_cheers.tiny import tiny_cheers
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_lora.py"
-# `python -m`: works in any environment, also where the `accelerate` script is not next to the interpreter
-ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,23 +95,11 @@ def test_mixed_precision_bf16_runs(train_script, tmp_path):
     assert all(torch.isfinite(torch.tensor(step["loss"])) for step in history)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_ddp_run_ends_with_identical_weights(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2 ... --cpu`: two torchrun processes, DDP over gloo."""
-    command = [
-        *ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(SCRIPT), "--cpu", "--output-dir", str(tmp_path), "--max-steps", "2", "--synthetic-size", "4", "4", "4",
-        "--learning-rate", "1e-3", "--save-rank-state", "--quiet",
-    ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_cpu_processes(
+        SCRIPT, "--output-dir", tmp_path, "--max-steps", 2, "--synthetic-size", 4, 4, 4, "--learning-rate", 1e-3,
+        "--save-rank-state", "--quiet",
+    )  # fmt: skip
     ranks = [load_file(tmp_path / f"rank{rank}_trainable.safetensors") for rank in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and ranks[0]
     for name in ranks[0]:
