@@ -1,6 +1,6 @@
 """Cheers-Shapes, the model: the shipped folder draws, answers and edits (a small version of
 `benchmarks/eval_shapes.py`, fixed seeds, thresholds well below the benchmark's targets), its tokenizer takes any
-text, and the recipe's two training stages run (a few steps each), resume, and freeze what they should."""
+text, and the recipe's training stages run (a few steps each), resume, and freeze what they should."""
 
 import json
 import random
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import load_script
+from conftest import load_script, run_two_cpu_processes
 from safetensors.torch import load_file
 
 from transformers_cheers import (
@@ -21,10 +21,13 @@ from transformers_cheers import (
 )
 from transformers_cheers.layout import patchify_latents
 from transformers_cheers.scratch import (
+    CaptionAlignment,
+    caption_alignment_loss,
     decoder_projector_losses,
     finish_vae_stage,
     latent_statistics,
     new_cheers,
+    text_to_image_pairs,
     train_tokenizer,
     visibility_probe,
 )
@@ -36,6 +39,7 @@ from transformers_cheers.shapes import (
     draw_scene,
     edit_instruction,
     is_held_out,
+    load_shapes_dataset,
     read_scene,
     read_world_card,
     sample_scene,
@@ -78,10 +82,10 @@ def test_shipped_folder_is_small_and_complete():
 
 
 # Thresholds: well below the benchmark's targets and above chance, set from what the shipped model reaches on the
-# full evaluation (docs/shapes.md): text-to-image colour 99-100 % seen and held-out (chance 17 %) and position 92 %
-# seen (chance 33 %), understanding colour 100 % and position 92-95 % (chance 33 %), edits reaching the requested colour
-# 93-97 % (chance 17 %). It has not learnt to draw shapes (chance) and answers the shape 45-69 % of the time, so
-# shapes are not asserted.
+# full evaluation (docs/shapes.md): text-to-image colour 99-100 % seen and held-out (chance 17 %) and position 83 %
+# (chance 33 %), understanding colour 97-100 %, shape 79-96 % and position 100 % (chance 17 / 33 / 33 %), edits
+# reaching the requested colour 95-97 % (chance 17 %). It has not learnt to draw shapes (chance), so drawn shapes are
+# not asserted.
 
 
 def test_draws_the_colour_and_position_it_is_asked(pipe, sampling):
@@ -100,10 +104,10 @@ def test_draws_held_out_combinations_in_their_colour(pipe, sampling):
     assert sum(got == want for got, (want, _) in zip(colours, HELD_OUT)) >= 3, colours
 
 
-def test_answers_colour_and_position_of_fresh_images(pipe):
+def test_answers_colour_shape_and_position_of_fresh_images(pipe):
     rng = random.Random(2024)  # a stream apart from the training writer's
     scenes = [sample_scene(rng) for _ in range(8)]
-    correct = {"colour": 0, "position": 0}
+    correct = {"colour": 0, "shape": 0, "position": 0}
     for kind in correct:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[kind]}]}]
         prompt = pipe.processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -111,7 +115,7 @@ def test_answers_colour_and_position_of_fresh_images(pipe):
         output = pipe.model.generate(**inputs, max_new_tokens=6, do_sample=False)  # a left-padded batch
         answers = pipe.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         correct[kind] = sum(answer.strip() == scene.answer(kind) for answer, scene in zip(answers, scenes))
-    assert correct["colour"] >= 7 and correct["position"] >= 5, correct
+    assert correct["colour"] >= 7 and correct["shape"] >= 6 and correct["position"] >= 6, correct  # chance 1.3/2.7
 
 
 def test_edits_reach_the_requested_colour(pipe, sampling):
@@ -187,14 +191,26 @@ def test_recipe_runs_resumes_and_freezes_what_it_should(tmp_path):
     assert not any(changed(first, before, "model.language_model."))  # the probe is not saved, nothing else moves
     assert set(first) == set(before)
 
+    vision_metrics = run(
+        train_vae, "--part", "vision", "--model", stage1, "--data", data, "--output-dir", tmp_path / "vision",
+        "--max-steps", 2, "--batch-size", 4, "--caption-images", 5, "--quiet",
+    )  # fmt: skip
+    assert set(vision_metrics) == {"loss", "lr"} and vision_metrics["loss"] > 0
+    vision = load_file(tmp_path / "vision" / "final" / "model.safetensors")
+    assert set(vision) == set(before)  # the caption side of the objective is not saved
+    moved = {name.split(".")[1] for name in before if not torch.equal(before[name], vision[name])}
+    assert moved == {"vision_representation", "multi_modal_projector"}  # SigLIP and the token merger, nothing else
+    before = vision
+
     history = run(
-        train_lora, "--full", "--stage", "scratch", "--model", stage1, "--data", data, "--output-dir",
-        tmp_path / "sft", "--max-steps", 2, "--batch-size", 4, "--learning-rate", 1e-3, "--lr-scheduler", "cosine",
-        "--no-gradient-checkpointing", "--report-to", "none", "--quiet",
+        train_lora, "--full", "--stage", "scratch", "--model", tmp_path / "vision" / "final", "--data", data,
+        "--output-dir", tmp_path / "sft", "--max-steps", 2, "--batch-size", 4, "--learning-rate", 1e-3,
+        "--lr-scheduler", "cosine", "--no-gradient-checkpointing", "--report-to", "none", "--quiet",
     )  # fmt: skip
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(step["loss"])) for step in history)
     after = load_file(tmp_path / "sft" / "final" / "model.safetensors")
-    assert not any(changed(before, after, ("model.vae.", "model.vae_decoder_projector.")))
+    frozen = ("model.vae.", "model.vae_decoder_projector.", "model.vision_representation.")  # earlier stages' parts
+    assert not any(changed(before, after, frozen))
     assert any(changed(before, after, "model.language_model.layers."))
     # the projector started as the VAE decoder, with the VAE's latent statistics
     for name in first:
@@ -245,6 +261,60 @@ def test_decoder_projector_losses_target_x_t_token_by_token():
     x_t = t * latents + (1 - t) * torch.randn(latents.shape, generator=generator)
     torch.testing.assert_close(blind["visibility"], x_t.square().mean())
     torch.testing.assert_close(reading["visibility"], x_t[:, 1:].square().sum(1).mean() / x_t.shape[1])
+
+
+def test_two_process_vae_stage_ends_with_identical_weights(tmp_path):
+    """The stage-1 script under a real 2-process DDP run: the objective runs through the prepared module, so both
+    ranks see averaged gradients (each rank gets other images) and end with the same weights."""
+    data = write_dataset(tmp_path / "data", num_generation=8, num_understanding=8, num_editing=0) / "train.jsonl"
+    output = tmp_path / "vae"
+    run_two_cpu_processes(
+        EXAMPLES / "train_vae.py", "--data", data, "--output-dir", output, "--max-steps", 2, "--batch-size", 2,
+        "--statistics-images", 4, "--save-rank-state", "--quiet",
+    )  # fmt: skip
+    ranks = [load_file(output / f"rank{rank}_trained.safetensors") for rank in (0, 1)]
+    initial = load_file(output / "init" / "model.safetensors")
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
+    assert any(not torch.equal(ranks[0][name], initial[f"model.vae.{name}"]) for name in ranks[0])  # it trained
+
+
+def test_text_to_image_pairs_are_the_generation_samples(tmp_path):
+    folder = write_dataset(tmp_path / "data", num_generation=5, num_understanding=4, num_editing=3)
+    dataset = load_shapes_dataset(folder)
+    pairs = text_to_image_pairs(dataset["conversations"], dataset["images"])
+    expected = [json.loads(line) for line in (folder / "generation.jsonl").read_text().splitlines()]
+    assert [caption for _, caption in pairs] == [record["conversations"][0]["value"] for record in expected]
+    assert [Path(path).name for path, _ in pairs] == [Path(record["image"]).name for record in expected]
+
+
+def test_caption_alignment_loss_is_siglips_with_repeated_captions_as_positives():
+    tokenizer = train_tokenizer([f"<|im_start|>user\n{caption('red', 'circle', 'left')}<|im_end|>\n"] * 2)
+    model, _ = new_cheers(tokenizer, "shapes", seed=0)
+    alignment = CaptionAlignment(model)
+    latents = torch.randn(3, model.config.latent_channels, 8, 8)
+    with torch.no_grad():
+        decoded = model.model.vae_decoder_projector(latents)
+    captions = [caption("red", "circle", "left"), caption("red", "circle"), caption("red", "circle", "left")]
+    ids = tokenizer(captions, padding=True, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    index = torch.tensor([0, 1, 0])  # images 0 and 2 have the same caption
+    loss = caption_alignment_loss(model, alignment, decoded, ids, index)
+
+    # by hand: the LLM image tokens of those pixels, mean-pooled; each caption the mean of its word embeddings
+    tokens = model.model.get_latent_features(latents).pooler_output
+    image = torch.nn.functional.normalize(alignment.image(tokens.mean(1)), dim=-1)
+    words = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in captions]
+    text = torch.stack([alignment.text.weight[word].mean(0) for word in words])
+    logits = image @ torch.nn.functional.normalize(text, dim=-1).T * 10 - 10
+    positive = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    by_hand = -torch.where(positive, logits, -logits).sigmoid().log().sum() / 3
+    torch.testing.assert_close(loss, by_hand)
+
+    loss.backward()
+    for module in (model.model.vision_representation, model.model.multi_modal_projector, alignment):
+        assert all(parameter.grad is not None for parameter in module.parameters() if parameter.requires_grad)
+    for module in (model.model.vae_decoder_projector, model.model.language_model):
+        assert all(parameter.grad is None for parameter in module.parameters())
 
 
 def test_latent_statistics_normalise_the_latents():

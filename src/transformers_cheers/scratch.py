@@ -11,8 +11,12 @@
   decoder (as Cheers initialises it from the FLUX.2 decoder).
 * `decoder_projector_losses`: the objective of the stage that tunes the decoder projector to show x_t to SigLIP
   (a small decoder trained on clean drawings hides the noise of x_t, so the denoiser cannot remove it).
+* `text_to_image_pairs` / `CaptionAlignment` / `caption_alignment_loss`: the vision stage, SigLIP and the token merger
+  trained on image-caption pairs with SigLIP's own sigmoid loss, as Cheers starts from a SigLIP2 pretrained that way
+  (in the mixed stage a small SigLIP learns colour and position but hardly shape).
 """
 
+import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -25,7 +29,7 @@ from .modeling_cheers import CheersForConditionalGeneration
 from .pipelines.scheduling_cheers import shift_time
 from .presets import PRESETS, preset_config
 from .processing_cheers import CheersProcessor
-from .prompting import DEFAULT_SYSTEM_PROMPT, render_training_conversation
+from .prompting import DEFAULT_SYSTEM_PROMPT, IMAGE_GEN_TOKEN, find_placeholders, render_training_conversation
 from .tiny import special_token_ids, tiny_tokenizer
 from .training import flow_matching_path
 
@@ -149,12 +153,68 @@ def decoder_projector_losses(
     return {"clean": (clean - reference).square().mean(), "visibility": (probe(patches) - tokens).square().mean()}
 
 
+def text_to_image_pairs(conversations: Iterable[list[dict]], images: Iterable[list[str]]) -> list[tuple[str, str]]:
+    """(image path, caption) of every text-to-image sample: a user turn without images asking for the one image
+    the assistant turn generates. Those are the image-caption pairs of a Cheers dataset."""
+    pairs = []
+    for turns, paths in zip(conversations, images):
+        if len(turns) != 2 or len(paths) != 1 or find_placeholders(turns[0]["value"]):
+            continue
+        if find_placeholders(turns[1]["value"]) == [IMAGE_GEN_TOKEN]:
+            pairs.append((paths[0], turns[0]["value"].strip()))
+    return pairs
+
+
+class CaptionAlignment(torch.nn.Module):
+    """The training devices of the vision stage (not part of the model): a text side that embeds a caption as the
+    mean of its token embeddings, a projection of the pooled image tokens, and SigLIP's learnt logit scale and bias
+    (initialised as in Zhai et al., 2023: scale 10, bias -10)."""
+
+    def __init__(self, model: CheersForConditionalGeneration, width: int = 64):
+        super().__init__()
+        config = model.config.text_config
+        self.text = torch.nn.EmbeddingBag(config.vocab_size, width, mode="mean", padding_idx=model.config.pad_token_id)
+        self.image = torch.nn.Linear(config.hidden_size, width)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+
+
+def caption_alignment_loss(
+    model: CheersForConditionalGeneration,
+    alignment: CaptionAlignment,
+    decoded_pixels: torch.Tensor,
+    caption_ids: torch.LongTensor,
+    caption_index: torch.LongTensor,
+) -> torch.Tensor:
+    """SigLIP's sigmoid image-text loss on the LLM image tokens of `decoded_pixels` (the decoder projector's
+    output, SigLIP's input) mean-pooled, against the captions `caption_ids` (padded with the pad token).
+
+    Every pair of the batch is a binary match / no-match decision. A synthetic dataset repeats its captions, so
+    the positives are all pairs with the same caption (`caption_index` equal), not only the diagonal.
+    """
+    inner = model.model
+    patch = model.config.vision_config.patch_size
+    grid = (decoded_pixels.shape[-2] // patch, decoded_pixels.shape[-1] // patch)
+    siglip = inner.vision_representation(
+        decoded_pixels, interpolate_pos_encoding=grid != (model.config.vision_config.image_size // patch,) * 2
+    )
+    tokens = inner.multi_modal_projector(siglip.last_hidden_state, grid)
+    image = F.normalize(alignment.image(tokens.mean(1)), dim=-1)
+    text = F.normalize(alignment.text(caption_ids), dim=-1)
+    logits = image @ text.T * alignment.logit_scale.exp() + alignment.logit_bias
+    signs = 2 * (caption_index[:, None] == caption_index[None, :]).to(logits.dtype) - 1
+    return -F.logsigmoid(signs * logits).sum() / len(logits)
+
+
 __all__ = [
+    "CaptionAlignment",
+    "caption_alignment_loss",
     "conversation_texts",
     "decoder_projector_losses",
     "finish_vae_stage",
     "latent_statistics",
     "new_cheers",
+    "text_to_image_pairs",
     "train_tokenizer",
     "visibility_probe",
 ]
