@@ -1,4 +1,4 @@
-"""Why does a Cheers-Shapes model draw what it draws? Six measurements behind the diagnosis in docs/shapes.md.
+"""Why does a Cheers-Shapes model draw what it draws? Seven measurements behind the diagnosis in docs/shapes.md.
 
     python benchmarks/diagnose_shapes.py examples/cheers-shapes
     python benchmarks/diagnose_shapes.py MODEL_DIR --times 0.02 0.1 0.3 0.5 0.9 --guidance 1 3 --num-noise 600
@@ -27,6 +27,10 @@
    out and leaves the model's own picture of the caption, E[x1 | caption]; the reader reads it. A word the model
    draws moves that picture (the shape to the left third for "on the left"); a word it ignores does not, and its
    accuracy sits at chance (a third for shape and position).
+7. What the image tokens hold: a linear classifier (multinomial logistic regression) of colour, shape and position
+   from the LLM input tokens of fresh drawings of all 54 scenes (the 16 tokens of a 64 px image, concatenated), fitted
+   on `--probe-images` drawings and scored on half as many others. What it reads, the LLM can read; what it cannot,
+   the LLM must compute first (understanding), and the denoiser cannot use directly when it sees x_t.
 """
 
 import argparse
@@ -184,6 +188,56 @@ def caption_pictures(pipe, scenes, t: float, guidances, num_draws: int, seed: in
     return [(f"{g:g}", *(f"{100.0 * count / len(scenes):.1f}" for count in hits[g])) for g in guidances]
 
 
+def random_scenes(rng: random.Random, count: int) -> list[shapes.Scene]:
+    return [
+        shapes.sample_scene(rng, rng.choice(shapes.COLOURS), rng.choice(shapes.SHAPES), rng.choice(shapes.POSITIONS))
+        for _ in range(count)
+    ]
+
+
+def held_out_accuracy(features: torch.Tensor, labels: torch.Tensor, num_fit: int, weight_decay: float = 1e-3) -> float:
+    """% of the rows after `num_fit` classified right by a multinomial logistic regression (standardised features,
+    L2 penalty, L-BFGS) fitted on the rows before."""
+    features = features.double()
+    mean, std = features[:num_fit].mean(0), features[:num_fit].std(0) + 1e-6
+    features = (features - mean) / std
+    weights = torch.zeros(features.shape[1], int(labels.max()) + 1, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(weights.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = features[:num_fit] @ weights + bias
+        loss = F.cross_entropy(logits, labels[:num_fit]) + weight_decay * weights.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        predicted = (features[num_fit:] @ weights + bias).argmax(1)
+    return float((predicted == labels[num_fit:]).double().mean() * 100)
+
+
+@torch.no_grad()
+def image_token_probe(pipe, num_fit: int, seed: int) -> dict[str, float]:
+    """Held-out accuracy (%) of a linear read-out of each attribute from the LLM input tokens of fresh drawings."""
+    scenes = random_scenes(random.Random(f"diagnose_shapes/probe/{seed}"), num_fit + num_fit // 2)
+    pixels = pipe.processor.image_processor([shapes.draw_scene(scene) for scene in scenes])["pixel_values"]
+    features = torch.cat(
+        [
+            pipe.model.model.get_image_features(chunk.to(pipe.model.dtype)).pooler_output.float().flatten(1)
+            for chunk in pixels.split(100)
+        ]
+    )
+    vocabularies = {"colour": shapes.COLOURS, "shape": shapes.SHAPES, "position": shapes.POSITIONS}
+    return {
+        name: held_out_accuracy(
+            features, torch.tensor([vocabulary.index(getattr(scene, name)) for scene in scenes]), num_fit
+        )
+        for name, vocabulary in vocabularies.items()
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a Cheers-Shapes model folder (with cheers_shapes.json)")
@@ -193,6 +247,7 @@ def main():
     parser.add_argument("--per-caption", type=int, default=20, help="drawings per caption for the t = 0 floor")
     parser.add_argument("--word-time", type=float, default=0.02, help="t of the caption pictures (measurement 6)")
     parser.add_argument("--word-draws", type=int, default=48, help="noise draws averaged per caption picture")
+    parser.add_argument("--probe-images", type=int, default=1200, help="drawings the token probe is fitted on")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.disable_progress_bar()
@@ -200,10 +255,10 @@ def main():
         parser.error(f"--times must lie in [0, 1) (t = 1 is the clean image), got {args.times}.")
     if not 0 <= args.word_time < 1:
         parser.error(f"--word-time must lie in [0, 1), got {args.word_time}.")
-    if args.num_noise < 2 or args.per_caption < 2 or args.word_draws < 1:
+    if args.num_noise < 2 or args.per_caption < 2 or args.word_draws < 1 or args.probe_images < 2:
         parser.error(
-            "--num-noise and --per-caption must be at least 2 (a fit and a variance need two samples), "
-            "--word-draws at least 1."
+            "--num-noise, --per-caption and --probe-images must be at least 2 (a fit and a variance need two "
+            "samples), --word-draws at least 1."
         )
     try:
         pipe, card = load(Path(args.model), "float32")
@@ -246,6 +301,12 @@ def main():
         f"draws, read (chance: colour 17 %, shape and position 33 %)\n"
     )
     print_markdown_table([("guidance", "colour %", "shape %", "position %"), *pictures])
+    probe = image_token_probe(pipe, args.probe_images, args.seed)
+    print(
+        f"\n7. what the image tokens hold: held-out accuracy of a linear read-out from the LLM input tokens "
+        f"({args.probe_images} fresh drawings to fit, {args.probe_images // 2} to score; chance 17 / 33 / 33 %)\n"
+    )
+    print_markdown_table([("colour %", "shape %", "position %"), tuple(f"{probe[name]:.1f}" for name in probe)])
 
 
 if __name__ == "__main__":

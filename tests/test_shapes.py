@@ -360,6 +360,15 @@ def test_held_out_r2_tells_a_visible_signal_from_an_invisible_one(diagnose_shape
     assert r2[0] > 0.999 and abs(r2[1]) < 0.01
 
 
+def test_held_out_accuracy_tells_a_linear_label_from_a_random_one(diagnose_shapes):
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(900, 8, generator=generator)
+    linear = (features @ torch.randn(8, 3, generator=generator)).argmax(1)  # three classes split by hyperplanes
+    unrelated = torch.randint(0, 3, (900,), generator=generator)
+    assert diagnose_shapes.held_out_accuracy(features, linear, num_fit=600) > 95
+    assert abs(diagnose_shapes.held_out_accuracy(features, unrelated, num_fit=600) - 100 / 3) < 8
+
+
 def test_latent_channel_variances_group_the_patchified_entries(diagnose_shapes):
     model, _ = tiny_cheers()
     channels, entries = model.config.vae_config["latent_channels"], 4  # 2x2 patchify
@@ -378,13 +387,14 @@ def test_diagnosis_runs_end_to_end_and_refuses_other_folders(tmp_path, diagnose_
 
     shapes.write_world_card(tmp_path)
     arguments = ["--times", "0", "0.5", "--guidance", "1", "2", "--num-noise", "8", "--per-caption", "2"]
-    arguments += ["--word-draws", "2"]
+    arguments += ["--word-draws", "2", "--probe-images", "12"]
     monkeypatch.setattr("sys.argv", ["diagnose_shapes.py", str(tmp_path), *arguments])
     diagnose_shapes.main()
     channels_part, rest = capsys.readouterr().out.split("3. the denoiser along t")
     denoiser_part, rest = rest.split("4. does the prompt reach the velocity?")
     prompt_part, rest = rest.split("5. what the sampler leaves")
-    sampler_part, words_part = rest.split("6. what the words do")
+    sampler_part, rest = rest.split("6. what the words do")
+    words_part, probe_part = rest.split("7. what the image tokens hold")
     channel_rows = [line for line in channels_part.splitlines() if line[:3] in {f"| {c}" for c in range(10)}]
     assert len(channel_rows) == model.config.vae_config["latent_channels"]
     assert "floor of the velocity MSE at t = 0: " in denoiser_part
@@ -402,6 +412,9 @@ def test_diagnosis_runs_end_to_end_and_refuses_other_folders(tmp_path, diagnose_
     word_rows = [line.split("|")[1:5] for line in words_part.splitlines() if line[:3] in ("| 1", "| 2")]
     assert [row[0].strip() for row in word_rows] == ["1", "2"]  # one row per guidance
     assert all(0 <= float(value) <= 100 for row in word_rows for value in row[1:])
+    assert "12 fresh drawings to fit, 6 to score" in probe_part
+    probe_row = [line.split("|")[1:4] for line in probe_part.splitlines() if line.startswith("| ")][-1]
+    assert all(0 <= float(value) <= 100 for value in probe_row)
 
     monkeypatch.setattr("sys.argv", ["diagnose_shapes.py", str(tmp_path), "--times", "1"])
     with pytest.raises(SystemExit):
