@@ -8,6 +8,9 @@
 #    autoencoder, latent statistics, decoder projector copied from the decoder, VAE frozen;
 # 1b. examples/train_vae.py --part projector: the decoder projector tuned so that its decoding of x_t shows the noise
 #    the denoiser must remove (a decoder trained on clean drawings alone hides it), its clean decodings kept;
+# 1c. examples/train_vae.py --part vision: SigLIP and the token merger trained on the data's image-caption pairs with
+#    SigLIP's sigmoid loss, as Cheers starts from a pretrained SigLIP2 (in the mixed stage alone the small SigLIP
+#    learns colour and position but hardly shape);
 # 2. examples/train_lora.py --full --stage scratch: everything but the VAE and the decoder projector, on the mixed
 #    understanding / generation / editing data, with the official objective (t of the generation targets drawn on
 #    the sampler's shifted grid, TIMESTEP_SHIFT); data-parallel over PROCESSES processes
@@ -31,8 +34,9 @@ NUM_UNDERSTANDING="${NUM_UNDERSTANDING:-10000}"
 NUM_EDITING="${NUM_EDITING:-6000}"
 VAE_STEPS="${VAE_STEPS:-900}"
 PROJECTOR_STEPS="${PROJECTOR_STEPS:-1000}"
-SFT_STEPS="${SFT_STEPS:-3800}"
-TAIL_STEPS="${TAIL_STEPS:-1200}"
+VISION_STEPS="${VISION_STEPS:-2000}"
+SFT_STEPS="${SFT_STEPS:-3400}"
+TAIL_STEPS="${TAIL_STEPS:-600}"
 TAIL_UNDERSTANDING="${TAIL_UNDERSTANDING:-5000}"
 TIMESTEP_SHIFT="${TIMESTEP_SHIFT:-0.5}"  # t drawn on the sampler's grid: more steps where the prompt sets the layout
 SFT_BATCH="${SFT_BATCH:-16}"  # per process
@@ -72,6 +76,15 @@ if [ ! -f "$RUN/projector/final/config.json" ]; then
 fi
 stage_time "stage 1b (decoder projector)" "$start"
 
+start=$SECONDS
+if [ ! -f "$RUN/vision/final/config.json" ]; then
+  # shellcheck disable=SC2046
+  "$PYTHON" "$HERE/train_vae.py" --part vision --model "$RUN/projector/final" --data "$RUN/data/train.jsonl" \
+    --output-dir "$RUN/vision" --max-steps "$VISION_STEPS" --batch-size 64 --learning-rate 1e-3 \
+    --checkpoint-every 500 --checkpoints-total-limit 1 --quiet $(resume_flag "$RUN/vision")
+fi
+stage_time "stage 1c (SigLIP)" "$start"
+
 launch=("$PYTHON")  # one process (all cores); several: accelerate's launcher (DDP over gloo, see docs/training.md)
 if [ "$PROCESSES" -gt 1 ]; then
   launch=(env OMP_NUM_THREADS=1 "$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$PROCESSES"
@@ -87,7 +100,7 @@ train_rest() {  # MODEL DATA OUTPUT STEPS LEARNING_RATE: everything but the VAE 
 
 start=$SECONDS
 if [ ! -f "$RUN/sft/final/config.json" ]; then
-  train_rest "$RUN/projector/final" "$RUN/data/train.jsonl" "$RUN/sft" "$SFT_STEPS" 1e-3
+  train_rest "$RUN/vision/final" "$RUN/data/train.jsonl" "$RUN/sft" "$SFT_STEPS" 1e-3
 fi
 stage_time "stage 2 (scratch)" "$start"
 
