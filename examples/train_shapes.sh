@@ -11,7 +11,7 @@
 # 1c. examples/train_vae.py --part vision: SigLIP and the token merger trained on the data's image-caption pairs with
 #    SigLIP's sigmoid loss, as Cheers starts from a pretrained SigLIP2 (in the mixed stage alone the small SigLIP
 #    learns colour and position but hardly shape);
-# 2. examples/train_lora.py --full --stage scratch: everything but the VAE and the decoder projector, on the mixed
+# 2. examples/train_lora.py --full --stage scratch: everything but the VAE, decoder projector and SigLIP, on the mixed
 #    understanding / generation / editing data, with the official objective (t of the generation targets drawn on
 #    the sampler's shifted grid, TIMESTEP_SHIFT); data-parallel over PROCESSES processes
 #    of one thread each (accelerate, gloo): on a small model a 2-thread process stalls whenever another job takes a
@@ -90,7 +90,7 @@ if [ "$PROCESSES" -gt 1 ]; then
   launch=(env OMP_NUM_THREADS=1 "$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$PROCESSES"
     --num_machines 1 --mixed_precision no --dynamo_backend no)
 fi
-train_rest() {  # MODEL DATA OUTPUT STEPS LEARNING_RATE: everything but the VAE and the decoder projector
+train_rest() {  # MODEL DATA OUTPUT STEPS LEARNING_RATE: everything but the VAE, decoder projector and SigLIP
   # shellcheck disable=SC2046
   "${launch[@]}" "$HERE/train_lora.py" --cpu --full --stage scratch --model "$1" --data "$2" --output-dir "$3" \
     --max-steps "$4" --batch-size "$SFT_BATCH" --learning-rate "$5" --timestep-shift "$TIMESTEP_SHIFT" \
