@@ -278,6 +278,11 @@ def main(argv=None) -> dict:
     images, caption_ids = ImageFiles(paths, processor.image_processor), None
     if args.part == "vision":
         images, caption_ids = caption_pairs(args, dataset, model, processor, accelerator.device)
+    if len(images) < args.batch_size:
+        raise ValueError(
+            f"--part {args.part} has {len(images)} training examples in {args.data}, fewer than --batch-size "
+            f"{args.batch_size} (batches are never partial): lower --batch-size or add data."
+        )
     dataloader = DataLoader(images, batch_size=args.batch_size, shuffle=True, drop_last=True)
     model.to(accelerator.device)  # the frozen rest too: the objective holds it outside the prepared module
     objective = PartObjective(args, model, caption_ids)

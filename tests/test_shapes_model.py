@@ -191,6 +191,8 @@ def test_recipe_runs_resumes_and_freezes_what_it_should(tmp_path):
     assert not any(changed(first, before, "model.language_model."))  # the probe is not saved, nothing else moves
     assert set(first) == set(before)
 
+    with pytest.raises(ValueError, match="fewer than --batch-size 64"):
+        run(train_vae, "--part", "vision", "--model", stage1, "--data", data, "--batch-size", 64, "--quiet")
     vision_metrics = run(
         train_vae, "--part", "vision", "--model", stage1, "--data", data, "--output-dir", tmp_path / "vision",
         "--max-steps", 2, "--batch-size", 4, "--caption-images", 5, "--quiet",
