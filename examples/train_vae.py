@@ -173,7 +173,8 @@ def caption_pairs(args, dataset, model, processor, device) -> tuple[TensorDatase
             f"{args.data} has no text-to-image samples: --part vision trains on their image-caption pairs."
         )
     captions = sorted({caption for _, caption in pairs})
-    caption_index = torch.tensor([captions.index(caption) for _, caption in pairs])
+    index_of = {caption: index for index, caption in enumerate(captions)}
+    caption_index = torch.tensor([index_of[caption] for _, caption in pairs])
     tokenizer = processor.tokenizer
     caption_ids = tokenizer(captions, padding=True, add_special_tokens=False, return_tensors="pt")["input_ids"]
     images = DataLoader(ImageFiles([path for path, _ in pairs], processor.image_processor), batch_size=256)
