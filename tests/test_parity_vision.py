@@ -57,6 +57,19 @@ def test_clean_image_features_are_the_t1_path(golden, golden_models):
     assert_close_rel_l2(outputs.pooler_output, expected["t1/und_projector_out"], 1e-4, "pooler_output")
 
 
+def test_pixel_features_are_the_latent_path_after_the_decoder_projector(golden, golden_models):
+    """get_pixel_features (SigLIP and the merger on already decoded pixels) gives the recorded official tokens."""
+    model = golden_models("fp32")
+    inputs, expected = golden.inputs(CASE1), golden.outputs(CASE1, "fp32")
+    with torch.no_grad():
+        decoded = model.model.get_latent_features(model.model.encode_latents(inputs["pixel_values"])).decoded_pixels
+        outputs = model.model.get_pixel_features(decoded)
+        as_tuple = model.model.get_pixel_features(decoded, return_dict=False)
+    assert_close_rel_l2(outputs.pooler_output, expected["t1/und_projector_out"], 1e-4, "pooler_output")
+    assert outputs.latents is None and outputs.decoded_pixels is decoded
+    torch.testing.assert_close(as_tuple[1], outputs.pooler_output)  # (last_hidden_state, pooler_output, ...)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_vae_round_trip_matches_official(golden, golden_models, precision):
     model = golden_models(precision).model

@@ -334,10 +334,20 @@ class CheersModel(CheersPreTrainedModel):
 
         `output_hidden_states` / `output_attentions` are passed to SigLIP; `return_dict=False` gives a tuple.
         """
-        vision_config = self.config.vision_config
         decoded_pixels = self.vae_decoder_projector(
             latents.to(self.vae_decoder_projector.post_quant_conv.weight.dtype)
         )
+        return self.get_pixel_features(decoded_pixels, latents=latents, return_dict=True, **kwargs)
+
+    @can_return_tuple
+    def get_pixel_features(
+        self, decoded_pixels: torch.Tensor, latents: torch.Tensor | None = None, **kwargs
+    ) -> CheersImageOutput:
+        """The decoder projector's pixels -> SigLIP -> merged LLM image tokens: `get_latent_features` after its
+        first step, for callers that already hold the decoded pixels (e.g. a stage that trains SigLIP on a cache of
+        them). `latents` is only passed through to the output; keyword arguments as in `get_latent_features`.
+        """
+        vision_config = self.config.vision_config
         height, width = decoded_pixels.shape[-2:]
         grid = (height // vision_config.patch_size, width // vision_config.patch_size)
         wants_hidden_states = kwargs.pop("output_hidden_states", None) or self.config.output_hidden_states

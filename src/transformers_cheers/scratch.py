@@ -192,13 +192,7 @@ def caption_alignment_loss(
     Every pair of the batch is a binary match / no-match decision. A synthetic dataset repeats its captions, so
     the positives are all pairs with the same caption (`caption_index` equal), not only the diagonal.
     """
-    inner = model.model
-    patch = model.config.vision_config.patch_size
-    grid = (decoded_pixels.shape[-2] // patch, decoded_pixels.shape[-1] // patch)
-    siglip = inner.vision_representation(
-        decoded_pixels, interpolate_pos_encoding=grid != (model.config.vision_config.image_size // patch,) * 2
-    )
-    tokens = inner.multi_modal_projector(siglip.last_hidden_state, grid)
+    tokens = model.model.get_pixel_features(decoded_pixels).pooler_output
     image = F.normalize(alignment.image(tokens.mean(1)), dim=-1)
     text = F.normalize(alignment.text(caption_ids), dim=-1)
     logits = image @ text.T * alignment.logit_scale.exp() + alignment.logit_bias
