@@ -1,4 +1,4 @@
-"""Why does a Cheers-Shapes model draw what it draws? Seven measurements behind the diagnosis in docs/shapes.md.
+"""Why does a Cheers-Shapes model draw what it draws? Nine measurements behind the diagnosis in docs/shapes.md.
 
     python benchmarks/diagnose_shapes.py examples/cheers-shapes
     python benchmarks/diagnose_shapes.py MODEL_DIR --times 0.02 0.1 0.3 0.5 0.9 --guidance 1 3 --num-noise 600
@@ -31,9 +31,17 @@
    from the LLM input tokens of fresh drawings of all 54 scenes (the 16 tokens of a 64 px image, concatenated), fitted
    on `--probe-images` drawings and scored on half as many others. What it reads, the LLM can read; what it cannot,
    the LLM must compute first (understanding), and the denoiser cannot use directly when it sees x_t.
+8. Does a word steer the drawing? x_t of the fresh drawings of 3. at a few t, with captions in which one word
+   (colour, shape or position) is replaced by the next one of its kind: the share of x1_hat read as the caption's
+   word and as the drawing's. A model that draws a word follows the caption once x_t leaves the choice open; one
+   that ignores it keeps reading the drawing's.
+9. What a word is worth to the loss: the MSE per latent element between a drawing's latent and the same box drawn
+   with one word changed (the next colour or shape). With everything else known, that is what the word can lower the
+   velocity MSE by; beside it, the velocity MSE itself (3.), most of which is noise the network cannot see.
 """
 
 import argparse
+import dataclasses
 import itertools
 import random
 from pathlib import Path
@@ -188,6 +196,54 @@ def caption_pictures(pipe, scenes, t: float, guidances, num_draws: int, seed: in
     return [(f"{g:g}", *(f"{100.0 * count / len(scenes):.1f}" for count in hits[g])) for g in guidances]
 
 
+WORDS = {"colour": shapes.COLOURS, "shape": shapes.SHAPES, "position": shapes.POSITIONS}
+
+
+def with_next_word(scene: shapes.Scene, field: str) -> dict[str, str]:
+    """The scene's (colour, shape, position) words with `field` replaced by the next word of its kind."""
+    words = {name: getattr(scene, name) for name in WORDS}
+    values = WORDS[field]
+    words[field] = values[(values.index(words[field]) + 1) % len(values)]
+    return words
+
+
+@torch.no_grad()
+def word_steering(pipe, scenes, clean, times, seed: int) -> list[tuple]:
+    """Per (word, t): % of x1_hat (guidance 1) read as the swapped caption's word, and as the drawing's own."""
+    core = pipe.model.model
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for field in WORDS:
+        captioned = [with_next_word(scene, field) for scene in scenes]
+        captions = [shapes.caption(words["colour"], words["shape"], words["position"]) for words in captioned]
+        cache, mask, branches = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
+        index = tuple(WORDS).index(field)
+        for t in times:
+            noisy = noised(clean, t, noise)
+            velocity = core.compute_velocity(noisy.to(pipe.model.dtype), t, cache, mask, branches).velocity.float()
+            pixels = core.decode_latents(one_step_estimate(noisy, velocity, t).to(pipe.model.dtype))
+            reads = [
+                shapes.read_scene(image)[index] for image in pipe.processor.postprocess(pixels, output_type="pil")
+            ]
+            follows = sum(read == words[field] for read, words in zip(reads, captioned))
+            keeps = sum(read == getattr(scene, field) for read, scene in zip(reads, scenes))
+            rows.append(
+                (field, f"{t:g}", f"{100.0 * follows / len(scenes):.1f}", f"{100.0 * keeps / len(scenes):.1f}")
+            )
+    return rows
+
+
+@torch.no_grad()
+def word_worth(pipe, scenes, clean) -> dict[str, float]:
+    """Per word kind (colour, shape): the MSE per latent element between each scene's latent and its box drawn with
+    the next word of that kind."""
+    worth = {}
+    for field in ("colour", "shape"):
+        changed = [dataclasses.replace(scene, **{field: with_next_word(scene, field)[field]}) for scene in scenes]
+        worth[field] = float(((encode(pipe, changed) - clean) ** 2).mean())
+    return worth
+
+
 def random_scenes(rng: random.Random, count: int) -> list[shapes.Scene]:
     return [
         shapes.sample_scene(rng, rng.choice(shapes.COLOURS), rng.choice(shapes.SHAPES), rng.choice(shapes.POSITIONS))
@@ -248,11 +304,17 @@ def main():
     parser.add_argument("--word-time", type=float, default=0.02, help="t of the caption pictures (measurement 6)")
     parser.add_argument("--word-draws", type=int, default=48, help="noise draws averaged per caption picture")
     parser.add_argument("--probe-images", type=int, default=1200, help="drawings the token probe is fitted on")
+    parser.add_argument(
+        "--steer-times", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5], help="t of the word swaps (8.)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.disable_progress_bar()
-    if any(not 0 <= t < 1 for t in args.times):
-        parser.error(f"--times must lie in [0, 1) (t = 1 is the clean image), got {args.times}.")
+    for name in ("times", "steer_times"):
+        if any(not 0 <= t < 1 for t in getattr(args, name)):
+            parser.error(
+                f"--{name.replace('_', '-')} must lie in [0, 1) (t = 1 is the clean image), got {getattr(args, name)}."
+            )
     if not 0 <= args.word_time < 1:
         parser.error(f"--word-time must lie in [0, 1), got {args.word_time}.")
     if args.num_noise < 2 or args.per_caption < 2 or args.word_draws < 1 or args.probe_images < 2:
@@ -307,6 +369,20 @@ def main():
         f"({args.probe_images} fresh drawings to fit, {args.probe_images // 2} to score; chance 17 / 33 / 33 %)\n"
     )
     print_markdown_table([("colour %", "shape %", "position %"), tuple(f"{probe[name]:.1f}" for name in probe)])
+    steering = word_steering(pipe, scenes, clean, args.steer_times, args.seed)
+    print(
+        "\n8. does a word steer the drawing? x_t of the drawings of 3., captions with one word replaced by the next "
+        "of its kind, guidance 1: x1_hat read as\n"
+    )
+    print_markdown_table([("word replaced", "t", "the caption's word %", "the drawing's word %"), *steering])
+    worth = word_worth(pipe, scenes, clean)
+    print(
+        "\n9. what a word is worth to the loss: MSE per latent element between a drawing's latent and the same box "
+        "with the next colour / shape (the velocity MSE of 3. beside it is mostly unseen noise)\n"
+    )
+    print_markdown_table(
+        [("word changed", "latent MSE"), *((field, f"{value:.4f}") for field, value in worth.items())]
+    )
 
 
 if __name__ == "__main__":

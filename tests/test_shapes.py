@@ -369,6 +369,20 @@ def test_held_out_accuracy_tells_a_linear_label_from_a_random_one(diagnose_shape
     assert abs(diagnose_shapes.held_out_accuracy(features, unrelated, num_fit=600) - 100 / 3) < 8
 
 
+def test_word_swaps_take_the_next_word_of_the_same_kind(diagnose_shapes):
+    scene = shapes.Scene(colour="orange", shape="triangle", left=44, top=10, size=16)
+    assert scene.position == "right"
+    last = {"colour": shapes.COLOURS[-1], "shape": shapes.SHAPES[-1], "position": shapes.POSITIONS[-1]}
+    assert last == {"colour": "orange", "shape": "triangle", "position": "right"}  # so each swap wraps around
+    for field, first in (
+        ("colour", shapes.COLOURS[0]),
+        ("shape", shapes.SHAPES[0]),
+        ("position", shapes.POSITIONS[0]),
+    ):
+        assert diagnose_shapes.with_next_word(scene, field) == {**last, field: first}
+    assert diagnose_shapes.with_next_word(scene.recoloured("red"), "colour")["colour"] == shapes.COLOURS[1]
+
+
 def test_latent_channel_variances_group_the_patchified_entries(diagnose_shapes):
     model, _ = tiny_cheers()
     channels, entries = model.config.vae_config["latent_channels"], 4  # 2x2 patchify
@@ -387,14 +401,16 @@ def test_diagnosis_runs_end_to_end_and_refuses_other_folders(tmp_path, diagnose_
 
     shapes.write_world_card(tmp_path)
     arguments = ["--times", "0", "0.5", "--guidance", "1", "2", "--num-noise", "8", "--per-caption", "2"]
-    arguments += ["--word-draws", "2", "--probe-images", "12"]
+    arguments += ["--word-draws", "2", "--probe-images", "12", "--steer-times", "0.5"]
     monkeypatch.setattr("sys.argv", ["diagnose_shapes.py", str(tmp_path), *arguments])
     diagnose_shapes.main()
     channels_part, rest = capsys.readouterr().out.split("3. the denoiser along t")
     denoiser_part, rest = rest.split("4. does the prompt reach the velocity?")
     prompt_part, rest = rest.split("5. what the sampler leaves")
     sampler_part, rest = rest.split("6. what the words do")
-    words_part, probe_part = rest.split("7. what the image tokens hold")
+    words_part, rest = rest.split("7. what the image tokens hold")
+    probe_part, rest = rest.split("8. does a word steer the drawing?")
+    steering_part, worth_part = rest.split("9. what a word is worth to the loss")
     channel_rows = [line for line in channels_part.splitlines() if line[:3] in {f"| {c}" for c in range(10)}]
     assert len(channel_rows) == model.config.vae_config["latent_channels"]
     assert "floor of the velocity MSE at t = 0: " in denoiser_part
@@ -415,6 +431,17 @@ def test_diagnosis_runs_end_to_end_and_refuses_other_folders(tmp_path, diagnose_
     assert "12 fresh drawings to fit, 6 to score" in probe_part
     probe_row = [line.split("|")[1:4] for line in probe_part.splitlines() if line.startswith("| ")][-1]
     assert all(0 <= float(value) <= 100 for value in probe_row)
+    steering_rows = [line.split("|")[1:5] for line in steering_part.splitlines() if line.startswith("| ")][1:]
+    assert [(word.strip(), t.strip()) for word, t, _, _ in steering_rows] == [
+        ("colour", "0.5"),
+        ("shape", "0.5"),
+        ("position", "0.5"),
+    ]
+    # the swapped word and the drawing's word differ, so no x1_hat reads as both
+    assert all(0 <= float(caption) + float(drawing) <= 100 for _, _, caption, drawing in steering_rows)
+    worth_rows = [line.split("|")[1:3] for line in worth_part.splitlines() if line.startswith("| ")][1:]
+    assert [word.strip() for word, _ in worth_rows] == ["colour", "shape"]
+    assert all(float(value) > 0 for _, value in worth_rows)  # another word draws another picture, latent
 
     monkeypatch.setattr("sys.argv", ["diagnose_shapes.py", str(tmp_path), "--times", "1"])
     with pytest.raises(SystemExit):
