@@ -16,10 +16,11 @@
 #    the sampler's shifted grid, TIMESTEP_SHIFT); data-parallel over PROCESSES processes
 #    of one thread each (accelerate, gloo): on a small model a 2-thread process stalls whenever another job takes a
 #    core, while single-thread processes only share it;
-# 3. examples/train_lora.py --full --stage scratch again, from stage 2's model: a short tail on every generation sample
-#    and the first TAIL_UNDERSTANDING understanding samples (no editing), at a lower learning rate. After stage 2 the
-#    model draws the colour words but ignores the position words; this tail makes it draw where it is asked while the
-#    understanding samples keep its answers (docs/shapes.md, "Why drawing fails");
+# 3. examples/train_lora.py --full --stage scratch again, from stage 2's model: a short tail on every generation sample,
+#    the first TAIL_UNDERSTANDING understanding and TAIL_EDITING editing samples, at a lower learning rate
+#    (TAIL_LEARNING_RATE). After stage 2 the model draws the colour words but ignores the position words; this tail
+#    makes it draw where it is asked while the understanding and editing samples keep its answers and its edits in
+#    place (docs/shapes.md, "Why drawing fails");
 # 4. export: the final folder plus the world card (with the sampling settings the model is meant to use).
 # Sizes and steps can be overridden from the environment (e.g. SFT_STEPS=20 for a smoke run). Both training stages
 # checkpoint every few hundred steps; rerunning this script resumes a stage from its newest checkpoint.
@@ -38,6 +39,8 @@ VISION_STEPS="${VISION_STEPS:-2000}"
 SFT_STEPS="${SFT_STEPS:-3400}"
 TAIL_STEPS="${TAIL_STEPS:-600}"
 TAIL_UNDERSTANDING="${TAIL_UNDERSTANDING:-5000}"
+TAIL_EDITING="${TAIL_EDITING:-3000}"
+TAIL_LEARNING_RATE="${TAIL_LEARNING_RATE:-5e-4}"  # half of stage 2's, re-warmed (docs/shapes.md, stage 3)
 TIMESTEP_SHIFT="${TIMESTEP_SHIFT:-0.5}"  # t drawn on the sampler's grid: more steps where the prompt sets the layout
 SFT_BATCH="${SFT_BATCH:-16}"  # per process
 PROCESSES="${PROCESSES:-2}"
@@ -107,8 +110,8 @@ stage_time "stage 2 (scratch)" "$start"
 start=$SECONDS
 if [ ! -f "$RUN/tail/final/config.json" ]; then
   cat "$RUN/data/generation.jsonl" <(head -n "$TAIL_UNDERSTANDING" "$RUN/data/understanding.jsonl") \
-    > "$RUN/data/tail.jsonl"
-  train_rest "$RUN/sft/final" "$RUN/data/tail.jsonl" "$RUN/tail" "$TAIL_STEPS" 3e-4
+    <(head -n "$TAIL_EDITING" "$RUN/data/editing.jsonl") > "$RUN/data/tail.jsonl"
+  train_rest "$RUN/sft/final" "$RUN/data/tail.jsonl" "$RUN/tail" "$TAIL_STEPS" "$TAIL_LEARNING_RATE"
 fi
 stage_time "stage 3 (generation tail)" "$start"
 
