@@ -196,6 +196,7 @@ def caption_pictures(pipe, scenes, t: float, guidances, num_draws: int, seed: in
     return [(f"{g:g}", *(f"{100.0 * count / len(scenes):.1f}" for count in hits[g])) for g in guidances]
 
 
+# The three kinds of words of a caption, in the order `shapes.read_scene` returns them.
 WORDS = {"colour": shapes.COLOURS, "shape": shapes.SHAPES, "position": shapes.POSITIONS}
 
 
@@ -285,12 +286,11 @@ def image_token_probe(pipe, num_fit: int, seed: int) -> dict[str, float]:
             for chunk in pixels.split(100)
         ]
     )
-    vocabularies = {"colour": shapes.COLOURS, "shape": shapes.SHAPES, "position": shapes.POSITIONS}
     return {
         name: held_out_accuracy(
             features, torch.tensor([vocabulary.index(getattr(scene, name)) for scene in scenes]), num_fit
         )
-        for name, vocabulary in vocabularies.items()
+        for name, vocabulary in WORDS.items()
     }
 
 
